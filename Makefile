@@ -1,0 +1,28 @@
+# epcopy's entry points. `make test` works on a fresh Debian machine: it installs what the build needs,
+# builds everything, and runs the whole suite.
+SWIFT ?= swift
+
+.PHONY: all deps build test bench-codec probe clean
+
+all: build
+
+deps:
+	@scripts/install-deps
+
+build: deps
+	$(SWIFT) build
+
+# Swift Testing only: the suite has no XCTest cases, and XCTest's empty summary would read as "no tests".
+test: deps
+	$(SWIFT) build --build-tests
+	$(SWIFT) test --skip-build --disable-xctest
+
+# Benchmarks are programs, not tests: run in release mode and read the numbers.
+bench-codec: deps
+	$(SWIFT) run -c release epcopy bench codec
+
+probe: deps
+	$(SWIFT) run epcopy probe
+
+clean:
+	rm -rf .build

@@ -1,0 +1,52 @@
+// swift-tools-version:6.0
+// epcopy — enlightened post-copy VM migration. The folder tree follows the data path:
+// GuestAgent → Protocol → HostEngine → QEMU; the CLI (Sources/epcopy) only wires them together.
+import PackageDescription
+
+let package = Package(
+    name: "epcopy",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "epcopy", targets: ["epcopy"]),
+        .library(name: "EpcopyPreload", type: .dynamic, targets: ["EpcopyPreload"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
+    ],
+    targets: [
+        // The only hand-written C that Swift calls: variadic syscall()/ioctl(), _IOWR constants, uffd_msg.
+        .target(name: "CEpcopyLinux", path: "Sources/CEpcopyLinux"),
+        .systemLibrary(name: "CURing", path: "Sources/CURing", pkgConfig: "liburing",
+                       providers: [.apt(["liburing-dev"])]),
+        .systemLibrary(name: "CNuma", path: "Sources/CNuma", pkgConfig: "numa",
+                       providers: [.apt(["libnuma-dev"])]),
+        .systemLibrary(name: "CVirt", path: "Sources/CVirt", pkgConfig: "libvirt",
+                       providers: [.apt(["libvirt-dev"])]),
+
+        // Pure Swift wire formats: no Foundation, no Glibc. Depends on nothing.
+        .target(name: "EpcopyProtocol", path: "Sources/Protocol"),
+        // The in-guest agent's collectors. Never depends on HostEngine.
+        .target(name: "EpcopyGuestAgent", dependencies: ["EpcopyProtocol"], path: "Sources/GuestAgent"),
+        // The engine: syscalls, uffd, transfer, QEMU control. Never depends on GuestAgent.
+        .target(name: "EpcopyHostEngine",
+                dependencies: ["EpcopyProtocol", "CEpcopyLinux", "CURing", "CNuma", "CVirt",
+                               .product(name: "Histogram", package: "hdrhistogram-swift")],
+                path: "Sources/HostEngine"),
+        .executableTarget(name: "epcopy",
+                          dependencies: ["EpcopyProtocol", "EpcopyGuestAgent", "EpcopyHostEngine",
+                                         .product(name: "ArgumentParser", package: "swift-argument-parser")],
+                          path: "Sources/epcopy"),
+        .target(name: "EpcopyPreload", dependencies: ["CEpcopyLinux"], path: "Sources/EpcopyPreload",
+                linkerSettings: [.linkedLibrary("dl")]),
+        .executableTarget(name: "epcopy-memtouch", path: "Sources/MemToucher"),
+
+        .testTarget(name: "EpcopyProtocolTests", dependencies: ["EpcopyProtocol"],
+                    path: "Tests/EpcopyProtocolTests"),
+        .testTarget(name: "EpcopyGuestAgentTests", dependencies: ["EpcopyGuestAgent"],
+                    path: "Tests/EpcopyGuestAgentTests"),
+        .testTarget(name: "EpcopyHostEngineTests", dependencies: ["EpcopyHostEngine", "CEpcopyLinux"],
+                    path: "Tests/EpcopyHostEngineTests"),
+        .testTarget(name: "EpcopyCLITests", dependencies: ["epcopy"], path: "Tests/EpcopyCLITests"),
+    ]
+)

@@ -1,0 +1,9 @@
+/*
+ * CVirt: system library module for <libvirt/libvirt.h>, found through pkg-config.
+ * Import SwiftGlibc first: otherwise glibc's headers are parsed a second time into this module and
+ * clang cannot merge their anonymous structs (fd_set) with SwiftGlibc's, failing clean builds.
+ */
+#if defined(__swift__) && __has_feature(modules)
+#pragma clang module import SwiftGlibc
+#endif
+#include <libvirt/libvirt.h>

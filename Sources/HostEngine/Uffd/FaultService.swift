@@ -1,0 +1,239 @@
+// The destination's fault thread. It only resolves and enqueues (QEMU's postcopy fault thread does the
+// same): a fault on a page that is already here is woken, a fault on a page known to be zero (a hole at
+// the source, or free in the guest) is zero-filled without asking anyone, and anything else becomes a
+// request for the urgent channel. Transfer and placement live elsewhere, so a fault never waits behind
+// a bulk copy. The thread polls the uffd and a quit eventfd and nothing else.
+
+import CEpcopyLinux
+import EpcopyProtocol
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Pages whose faults are waiting for the urgent channel, with the time each fault was read.
+public final class PendingFaults: Sendable {
+    private let waiting = Mutex<[UInt64: UInt64]>([:])
+    private let size = Atomic<Int>(0)
+
+    public init() {}
+
+    /// Records a fault; returns false if the page was already waiting (no second request needed).
+    public func add(page: UInt64, at time: UInt64) -> Bool {
+        waiting.withLock { w in
+            guard w[page] == nil else { return false }
+            w[page] = time
+            size.store(w.count, ordering: .relaxed)
+            return true
+        }
+    }
+
+    /// Removes the pages of `[start, start+count)` that were waiting and returns their fault times.
+    public func resolve(start: UInt64, count: UInt64) -> [UInt64] {
+        guard size.load(ordering: .relaxed) > 0 else { return [] }
+        return waiting.withLock { w in
+            var times: [UInt64] = []
+            if count < UInt64(w.count) {
+                for page in start..<(start + count) { if let t = w.removeValue(forKey: page) { times.append(t) } }
+            } else {
+                for (page, t) in w where page >= start && page < start + count {
+                    times.append(t)
+                    w[page] = nil
+                }
+            }
+            size.store(w.count, ordering: .relaxed)
+            return times
+        }
+    }
+}
+
+/// Requests from the fault thread to the urgent loop: a page list and an eventfd to wake the ring.
+public final class RequestQueue: @unchecked Sendable {
+    // SAFETY (@unchecked): `pages` is behind a Mutex; the eventfd is only written and read.
+    private let pages = Mutex<[UInt64]>([])
+    public let event: EventFD
+
+    public init() throws(SyscallError) { event = try EventFD() }
+
+    public func push(_ newPages: [UInt64]) {
+        guard !newPages.isEmpty else { return }
+        pages.withLock { $0.append(contentsOf: newPages) }
+        event.signal()
+    }
+
+    public func take() -> [UInt64] {
+        event.drain()
+        return pages.withLock { p in
+            defer { p.removeAll(keepingCapacity: true) }
+            return p
+        }
+    }
+}
+
+/// Page states the destination threads share. `present`: placed in guest memory. `zero`: never fetch,
+/// zero-fill on fault (holes, free pages, ranges the guest removed). `known`: present or zero — the
+/// transfer is complete when every page is known.
+public final class DestinationPages: Sendable {
+    public let present: AtomicPageBitmap
+    public let zero: AtomicPageBitmap
+    public let known: AtomicPageBitmap
+    public let regionPages: UInt64
+
+    public init(regionPages: UInt64) {
+        self.regionPages = regionPages
+        present = AtomicPageBitmap(pageCount: regionPages)
+        zero = AtomicPageBitmap(pageCount: regionPages)
+        known = AtomicPageBitmap(pageCount: regionPages)
+    }
+
+    /// Marks pages zero unless they are already present; returns the pages newly marked.
+    public func markZero(_ pages: PageSet<PageIndex>) -> PageSet<PageIndex> {
+        var marked = PageSet<PageIndex>()
+        for range in pages.ranges {
+            var p = range.lowerBound.rawValue
+            while p < range.upperBound.rawValue, p < regionPages {
+                if !present.contains(p), zero.insert(p) {
+                    known.insert(p)
+                    marked.insert(PageIndex(rawValue: p))
+                }
+                p += 1
+            }
+        }
+        return marked
+    }
+}
+
+public final class FaultService: @unchecked Sendable {
+    // SAFETY (@unchecked): immutable configuration plus Sendable shared state; `run` executes on one thread.
+    private let uffd: Int32
+    private let base: UInt
+    private let length: Int
+    private let firstPage: UInt64
+    private let mode: PlacementMode
+    private let pages: DestinationPages
+    private let requests: RequestQueue
+    private let pending: PendingFaults
+    private let metrics: TransferMetrics
+    private let quitFD: Int32
+
+    public init(uffd: Int32, base: UInt, length: Int, firstPage: UInt64, mode: PlacementMode,
+                pages: DestinationPages, requests: RequestQueue, pending: PendingFaults,
+                metrics: TransferMetrics, quitFD: Int32) {
+        self.uffd = uffd
+        self.base = base
+        self.length = length
+        self.firstPage = firstPage
+        self.mode = mode
+        self.pages = pages
+        self.requests = requests
+        self.pending = pending
+        self.metrics = metrics
+        self.quitFD = quitFD
+    }
+
+    /// Serves faults until the quit eventfd is signalled. Throws only on a broken uffd.
+    public func run() throws(SyscallError) {
+        let messageSize = epc_uffd_msg_size()
+        let batch = 64
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: messageSize * batch, alignment: 8)
+        defer { buffer.deallocate() }
+        var fds = [pollfd(fd: uffd, events: Int16(POLLIN), revents: 0),
+                   pollfd(fd: quitFD, events: Int16(POLLIN), revents: 0)]
+        while true {
+            _ = try Syscall.check("poll(uffd)") { Syscall.negErrno(Int(poll(&fds, 2, -1))) }
+            if fds[1].revents != 0 { return }
+            if fds[0].revents & Int16(POLLERR | POLLHUP) != 0 {
+                throw SyscallError(call: "poll(uffd)", errno: EIO)
+            }
+            let n: Int
+            switch try Syscall.run("read(uffd)", { Syscall.negErrno(read(uffd, buffer, messageSize * batch)) }) {
+            case .wouldBlock: continue
+            case .done(let bytes): n = bytes / messageSize
+            }
+            let now = monotonicNanos()
+            var toRequest: [UInt64] = []
+            for i in 0..<n {
+                let message = buffer + i * messageSize
+                switch epc_uffd_msg_event(message) {
+                case EPC_UFFD_EVENT_PAGEFAULT:
+                    let address = UInt(epc_uffd_msg_fault_address(message)) & ~UInt(PageGeometry.size - 1)
+                    if let page = try resolve(address: address, now: now) { toRequest.append(page) }
+                case EPC_UFFD_EVENT_REMOVE:
+                    // The owner punched or DONTNEED'd a range (balloon, free page reporting): those pages
+                    // read as zero from now on, so never fetch them. uffd ioctls return EAGAIN until this
+                    // event has been read (man 2 ioctl_userfaultfd).
+                    removed(start: UInt(epc_uffd_msg_remove_start(message)), end: UInt(epc_uffd_msg_remove_end(message)))
+                default:
+                    break
+                }
+            }
+            requests.push(toRequest)
+        }
+    }
+
+    private func removed(start: UInt, end: UInt) {
+        let lo = max(start, base)
+        let hi = min(end, base + UInt(length))
+        guard hi > lo else { return }
+        let first = UInt64((lo - base) >> UInt(PageGeometry.shift)) + firstPage
+        let count = UInt64((hi - lo) >> UInt(PageGeometry.shift))
+        for page in first..<(first + count) {
+            pages.present.remove(page)
+            if pages.zero.insert(page) { pages.known.insert(page) }
+        }
+    }
+
+    /// Resolves a fault on its own when it can; returns the page if it must be fetched.
+    private func resolve(address: UInt, now: UInt64) throws(SyscallError) -> UInt64? {
+        guard address >= base, address < base + UInt(length) else { return nil }
+        let page = UInt64((address - base) >> UInt(PageGeometry.shift)) + firstPage
+        metrics.faults.add(1, ordering: .relaxed)
+        if pages.present.contains(page) {
+            metrics.faultsAlreadyPresent.add(1, ordering: .relaxed)
+            try wakeOrContinue(address)
+            return nil
+        }
+        if pages.zero.contains(page) {
+            metrics.faultsZeroFilled.add(1, ordering: .relaxed)
+            var result = try zeroPage(address)
+            while case .retry = result { result = try zeroPage(address) }
+            if case .alreadyPresent = result { try wake(address) }
+            pages.present.insert(page)
+            return nil
+        }
+        return pending.add(page: page, at: now) ? page : nil
+    }
+
+    private func zeroPage(_ address: UInt) throws(SyscallError) -> Userfaultfd.Placement {
+        var done: Int64 = 0
+        let rc = epc_uffd_zeropage(uffd, UInt64(address), PageGeometry.size, 0, &done)
+        return try Userfaultfd.placement("UFFDIO_ZEROPAGE", rc: rc, done: done)
+    }
+
+    private func wake(_ address: UInt) throws(SyscallError) {
+        _ = try Syscall.check("UFFDIO_WAKE") { epc_uffd_wake(uffd, UInt64(address), PageGeometry.size) }
+    }
+
+    private func wakeOrContinue(_ address: UInt) throws(SyscallError) {
+        switch mode {
+        case .copy:
+            try wake(address)
+        case .continueMinor:
+            // The page is in the page cache but this mapping may not map it yet (a MINOR fault).
+            var done: Int64 = 0
+            let rc = epc_uffd_continue(uffd, UInt64(address), PageGeometry.size, 0, &done)
+            if case .alreadyPresent = try Userfaultfd.placement("UFFDIO_CONTINUE", rc: rc, done: done) {
+                try wake(address)
+            }
+        }
+    }
+}
+
+/// How pages are put into guest memory.
+public enum PlacementMode: String, Sendable, Codable {
+    /// Receive into a buffer, then UFFDIO_COPY (the range is registered MISSING).
+    case copy
+    /// Write into the RAM file through the engine's own mapping, then UFFDIO_CONTINUE (MISSING|MINOR):
+    /// one copy instead of two. Each page is written once, before the guest can map it.
+    case continueMinor = "continue"
+}
