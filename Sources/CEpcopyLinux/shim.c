@@ -47,3 +47,24 @@ uint32_t epc_crc32c_hw(uint32_t crc, const void *data, size_t len) {
     return ~c;
 }
 #endif
+
+static inline uint64_t epc_splitmix64(uint64_t x) {
+    uint64_t z = x + 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+void epc_pattern_fill(void *base, uint64_t first_page, uint64_t pages, uint64_t seed) {
+    uint64_t *w = base;
+    for (uint64_t p = 0; p < pages; p++)
+        for (uint64_t i = 0; i < 512; i++) *w++ = epc_splitmix64(seed ^ ((first_page + p) << 20) ^ i);
+}
+
+int64_t epc_pattern_check(const void *base, uint64_t first_page, uint64_t pages, uint64_t seed) {
+    const uint64_t *w = base;
+    for (uint64_t p = 0; p < pages; p++)
+        for (uint64_t i = 0; i < 512; i++)
+            if (*w++ != epc_splitmix64(seed ^ ((first_page + p) << 20) ^ i)) return (int64_t)p;
+    return -1;
+}

@@ -118,8 +118,8 @@ static void *maybe_hand_over(void *addr, size_t len, int fd, off64_t off) {
     char ebuf[128];
     struct attempt a = { .addr = addr, .len = len, .uffd = -1, .sock = -1, .mem_dup = -1 };
 
-    /* Pin the file first and identify the pinned copy: a concurrent close(fd) plus reuse of the number
-     * by another thread cannot then make us register one file and send another. */
+    /* Identify and send one pinned reference: a concurrent close(fd) plus reuse of the number by another
+     * thread after this point cannot make us check one file and hand over another. */
     a.mem_dup = fcntl(fd, F_DUPFD_CLOEXEC, 0);
     if (a.mem_dup < 0) {
         int err = errno;
@@ -311,7 +311,8 @@ static void *shim(void *addr, size_t len, int prot, int flags, int fd, off64_t o
         mmap_fn fn = lookup_mmap();
         p = fn ? fn(addr, len, prot, flags, fd, (off_t)off) : raw_mmap(addr, len, prot, flags, fd, off);
     }
-    if (p != MAP_FAILED && fd >= 0 && is_shared(flags)) {
+    /* The kernel ignores fd for MAP_ANONYMOUS, so such a mapping is never the RAM file. */
+    if (p != MAP_FAILED && fd >= 0 && is_shared(flags) && !(flags & MAP_ANONYMOUS)) {
         int saved = errno;
         p = maybe_hand_over(p, len, fd, off);
         if (p != MAP_FAILED) errno = saved; /* a successful mmap must not appear to change errno */

@@ -357,7 +357,10 @@ private func serveFaults(uffd: Int32, hva: UInt64, length: UInt64, seed: UInt64,
         #expect(output.stdout == "OK pages=256\n")
     }
 
-    @Test func takenOverUffdServesFaultsAfterTheHandedOverDescriptorIsClosed() throws {
+    /// Models an engine that dies in the middle of a fault: it reads the first fault message, then all its
+    /// descriptors close. The shim's copy keeps the uffd registered, so the program must stay blocked (not
+    /// read zeros) until a new engine takes the uffd over with pidfd_getfd and serves it.
+    @Test func takenOverUffdServesFaultsAfterTheEngineThatHeldItIsGone() throws {
         let size = 4 << 20
         let seed = UInt64.random(in: 1...UInt64.max)
         let file = try ShmFile(size: size)
@@ -366,26 +369,43 @@ private func serveFaults(uffd: Int32, hva: UInt64, length: UInt64, seed: UInt64,
         let child = try launchMemtouch(file: file, socket: socket.path, seed: seed,
                                        extra: ["MEMTOUCH_WAIT_STDIN": "1"])
 
-        let taken: FileDescriptor
+        let pid: Int32
+        let remoteFD: Int32
         let hva: UInt64
         let length: UInt64
+        var firstFault: UInt64 = 0
         do {
             let handover = try listener.accept(timeout: .seconds(20))
-            hva = handover.hostVirtualAddress
-            length = handover.length
-            taken = try UffdHandoverListener.takeOver(pid: handover.pid, remoteFD: handover.remoteUffdFD)
-            #expect(taken.rawValue != handover.uffd.rawValue)
-            // `handover` ends here: the descriptors it received are closed. The shim's own copy keeps the
-            // uffd (and its registration) alive; the taken-over descriptor is now the engine's only one.
+            (pid, remoteFD, hva, length) = (handover.pid, handover.remoteUffdFD, handover.hostVirtualAddress,
+                                            handover.length)
+            child.sendByte()
+            var pfd = pollfd(fd: handover.uffd.rawValue, events: Int16(POLLIN), revents: 0)
+            #expect(poll(&pfd, 1, 10_000) == 1, "memtouch's first touch must fault")
+            var message = [UInt8](repeating: 0, count: epc_uffd_msg_size())
+            #expect(read(handover.uffd.rawValue, &message, message.count) == message.count)
+            #expect(epc_uffd_msg_event(message) == EPC_UFFD_EVENT_PAGEFAULT)
+            firstFault = epc_uffd_msg_fault_address(message)
+            // `handover` ends here: the engine's descriptors close with the fault read but unresolved.
         }
-        #expect(UffdHandoverListener.linkTarget(of: taken.rawValue) == UffdHandoverListener.userfaultfdLink)
 
-        child.sendByte()
+        usleep(300_000)
+        #expect(child.poll() == nil, "with the engine gone the fault must block, not resolve to zeros")
+
+        let taken = try UffdHandoverListener.takeOver(pid: pid, remoteFD: remoteFD)
+        // A fault message is delivered once: the one the dead engine read is not offered again, so the new
+        // owner sees nothing until it wakes the range and the blocked thread faults afresh.
+        var pfd = pollfd(fd: taken.rawValue, events: Int16(POLLIN), revents: 0)
+        #expect(poll(&pfd, 1, 200) == 0, "a fault message already read is not re-delivered")
+        #expect(epc_uffd_wake(taken.rawValue, hva, length) == 0)
+        pfd.revents = 0
+        #expect(poll(&pfd, 1, 10_000) == 1, "UFFDIO_WAKE makes the blocked thread fault again")
+
         let stats = serveFaults(uffd: taken.rawValue, hva: hva, length: length, seed: seed, child: child)
         let output = child.output()
         #expect(child.exitCode == 0, "stdout: \(output.stdout) stderr: \(output.stderr)")
         #expect(output.stdout == "OK pages=\(size / pageSize)\n")
         #expect(stats.copied == size / pageSize)
+        #expect(firstFault >= hva && firstFault < hva + length)
     }
 
     @Test func memtouchDetectsCorruptionAndHonoursZeroPages() throws {
@@ -622,7 +642,12 @@ enum HostileHello: String, CaseIterable, Sendable, CustomTestStringConvertible {
             _ = try listener.accept(timeout: .milliseconds(200))
         }
         #expect(ContinuousClock.now - start >= .milliseconds(200))
-        withExtendedLifetime(silent) {}
+        // The engine still tells a slow shim why it gave up.
+        var reply = epc_handover_reply()
+        let n = withUnsafeMutableBytes(of: &reply) {
+            recv(silent.rawValue, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT))
+        }
+        #expect(n == MemoryLayout<epc_handover_reply>.size && reply.status == ETIMEDOUT)
     }
 
     @Test func socketFileIsPrivateAndOnlyAStaleOneIsReplaced() throws {

@@ -234,6 +234,12 @@ static inline uint64_t epc_atomic_fetch_and_u64(uint64_t *p, uint64_t v) {
 int epc_eventfd(unsigned int initval, int nonblocking);
 int epc_set_thread_name(const char *name);
 
+/* ---- the test pattern (shim.c): page p, word w = splitmix64(seed ^ (p << 20) ^ w), as in epcopy-memtouch.
+ * In C because tests run debug builds, where filling 256 MiB in Swift would dominate the test. ---- */
+void epc_pattern_fill(void *base, uint64_t first_page, uint64_t pages, uint64_t seed);
+/* Returns the index (relative to base) of the first page that differs from the pattern, or -1. */
+int64_t epc_pattern_check(const void *base, uint64_t first_page, uint64_t pages, uint64_t seed);
+
 /* ---- CRC32C with the SSE4.2 instruction (shim.c); the pure-Swift table version is the fallback ---- */
 int epc_cpu_has_sse42(void);
 uint32_t epc_crc32c_hw(uint32_t crc, const void *data, size_t len);

@@ -157,19 +157,32 @@ public final class PushScheduler {
             let (pushClass, set) = classes[classIndex]
             var budget = chunk.pages
             var runs: [PageRange<PageIndex>] = []
-            while budget > 0, let range = set.firstRange(atOrAfter: PageIndex(rawValue: cursor)) {
-                let start = max(range.lowerBound.rawValue, cursor)
+            var classDone = false
+            while budget > 0 {
+                guard let range = set.firstRange(atOrAfter: PageIndex(rawValue: cursor)) else {
+                    classDone = true
+                    break
+                }
+                // Skip what the urgent path or the skip set already claimed, a word at a time.
+                let from = max(range.lowerBound.rawValue, cursor)
+                guard let start = sent.firstClear(atOrAfter: from), start < range.upperBound.rawValue else {
+                    cursor = range.upperBound.rawValue
+                    continue
+                }
                 let span = min(range.upperBound.rawValue - start, budget)
-                runs += claim(start: start, count: span)
+                let claimed = claim(start: start, count: span)
+                runs += claimed
+                budget -= claimed.reduce(0) { $0 + $1.count }
                 cursor = start + span
-                budget -= span
             }
             if !runs.isEmpty {
                 chunk.grow()
                 return PushChunk(runs: runs, pushClass: pushClass, prefetch: false)
             }
-            classIndex += 1
-            cursor = 0
+            if classDone {
+                classIndex += 1
+                cursor = 0
+            }
         }
         return nil
     }

@@ -519,6 +519,9 @@ public final class DestinationEngine: @unchecked Sendable {
             } else if ackDue { lastAck = now }
             if now - lastSample > 100_000_000 {
                 lastSample = now
+                Trace.log("dst: known \(pages.known.count)/\(pages.regionPages) present \(pages.present.count) "
+                          + "bytes \(bytesIn.load(ordering: .relaxed)) faults \(metrics.faults.load(ordering: .relaxed)) "
+                          + "bulk want \(want) have \(have) header \(header != nil)")
                 timeline.sample(pagesPresent: pages.present.count, bytesReceived: bytesIn.load(ordering: .relaxed),
                                 faults: metrics.faults.load(ordering: .relaxed), now: now)
             }

@@ -408,6 +408,7 @@ public final class SourceEngine: @unchecked Sendable {
         var sentDone = false
         var destinationDone = false
         var lastPunch = monotonicNanos()
+        var lastTrace: UInt64 = 0
 
         func handle(_ message: PeerMessage) throws {
             switch message {
@@ -453,6 +454,12 @@ public final class SourceEngine: @unchecked Sendable {
                 controlQueue.enqueue(OutgoingFrame(bytes: PeerMessage.done(PeerDone(
                     pagesSent: snapshot.bulkPages + snapshot.urgentPages, bytesSent: snapshot.bytesWire))
                     .encodedFrame(checksum: fastChecksum)), now: now)
+            }
+            if Trace.enabled, now - lastTrace > 100_000_000 {
+                lastTrace = now
+                Trace.log("src: released \(state.released.count)/\(regionPages) pushed \(metrics.bulkPages.load(ordering: .relaxed)) "
+                          + "urgent \(metrics.urgentPages.load(ordering: .relaxed)) bulk queue \(bulkQueue.pending) "
+                          + "exhausted \(pushExhausted) destDone \(destinationDone)")
             }
             if state.toPunch.count >= 2048 || (now - lastPunch > 20_000_000 && !state.toPunch.isEmpty) {
                 try punch(&state)

@@ -103,17 +103,16 @@ public final class UffdHandoverListener: Sendable {
             try Syscall.check("bind(\(path))") { Int(epc_unix_seqpacket_bind(path)) }
         }
         let socket = FileDescriptor(adopting: Int32(raw))
-        // Mode before listen(2): until then a connect(2) is refused (ECONNREFUSED), so no peer can slip in
-        // under the umask's mode (man 7 unix: connecting needs write permission on the socket file).
-        try Self.sys { () throws(SyscallError) in
-            _ = try Syscall.check("chmod(\(path), 0600)") { Syscall.negErrno(Int(chmod(path, 0o600))) }
-        }
-        try Self.sys { () throws(SyscallError) in
-            _ = try Syscall.check("listen(\(path))") { Int(epc_listen(socket.rawValue, 16)) }
-        }
         var st = stat()
-        try Self.sys { () throws(SyscallError) in
+        do throws(SyscallError) {
+            // Mode before listen(2): until then a connect(2) is refused (ECONNREFUSED), so no peer can slip
+            // in under the umask's mode (man 7 unix: connecting needs write permission on the socket file).
+            _ = try Syscall.check("chmod(\(path), 0600)") { Syscall.negErrno(Int(chmod(path, 0o600))) }
+            _ = try Syscall.check("listen(\(path))") { Int(epc_listen(socket.rawValue, 16)) }
             _ = try Syscall.check("stat(\(path))") { Syscall.negErrno(Int(stat(path, &st))) }
+        } catch {
+            _ = unlink(path) // the file bind(2) just created
+            throw .syscall(error)
         }
         self.path = path
         self.socket = socket
@@ -144,6 +143,12 @@ public final class UffdHandoverListener: Sendable {
             try? Self.sendReply(on: conn, status: rejection.status)
             throw rejection.error
         } catch let error as HandoverError {
+            // Best effort, so a shim that is merely slow fails with a reason rather than a closed socket.
+            switch error {
+            case .timedOut: try? Self.sendReply(on: conn, status: ETIMEDOUT)
+            case .syscall(let failure): try? Self.sendReply(on: conn, status: failure.errno)
+            default: break
+            }
             throw error
         } catch {
             preconditionFailure("unexpected error \(error)")
@@ -154,6 +159,10 @@ public final class UffdHandoverListener: Sendable {
     /// is a userfaultfd. This is how a new engine resumes serving faults after the old one died: the
     /// shim keeps its own uffd open, so the number in the hello stays valid for the life of the process.
     /// Needs ptrace access to `pid` (PTRACE_MODE_ATTACH_REALCREDS).
+    ///
+    /// After taking over, UFFDIO_WAKE every registered range once: a fault message is delivered only once,
+    /// so faults whose messages the previous owner read but never resolved stay blocked and silent until
+    /// their threads are woken, retry, and fault again (which queues a fresh message).
     public static func takeOver(pid: Int32, remoteFD: Int32) throws(HandoverError) -> FileDescriptor {
         let pidfdRaw = try sys { () throws(SyscallError) in
             try Syscall.check("pidfd_open(\(pid))") { Int(epc_pidfd_open(pid, 0)) }

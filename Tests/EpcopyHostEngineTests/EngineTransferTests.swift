@@ -1,0 +1,138 @@
+// The transfer core end to end inside one process: a source engine and a destination engine on
+// loopback, a real userfaultfd on the destination's shared mapping, and a toucher thread faulting
+// random pages while the push runs. Every page of the destination is compared with the source's
+// pattern afterwards, and the source file must have been released completely.
+
+import CEpcopyLinux
+import EpcopyHostEngine
+import EpcopyProtocol
+import Foundation
+import Synchronization
+import Testing
+
+/// A /dev/shm file standing in for a VM's RAM file; removed when the test ends.
+final class TestRAMFile {
+    let path: String
+    let size: Int
+
+    init(_ name: String, size: Int) throws {
+        path = "/dev/shm/epcopy-test-\(getpid())-\(name)"
+        self.size = size
+        unlink(path)
+        let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        try #require(fd >= 0, "create \(path): \(String(cString: strerror(errno)))")
+        defer { close(fd) }
+        try #require(ftruncate(fd, off_t(size)) == 0)
+    }
+
+    /// Writes the pattern to every page except `holes`, which stay unallocated (zero by construction).
+    func fillPattern(seed: UInt64, holes: PageSet<PageIndex>) throws {
+        let fd = open(path, O_RDWR | O_CLOEXEC)
+        try #require(fd >= 0)
+        defer { close(fd) }
+        let map = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)!
+        defer { munmap(map, size) }
+        var page: UInt64 = 0
+        let total = UInt64(size) / 4096
+        while page < total {
+            if holes.contains(PageIndex(rawValue: page)) { page += 1; continue }
+            var end = page
+            while end < total, !holes.contains(PageIndex(rawValue: end)) { end += 1 }
+            MemoryCompare.fillPattern(map + Int(page * 4096), firstPage: page, pages: end - page, seed: seed)
+            page = end
+        }
+    }
+
+    /// Bytes of the file still backed by memory.
+    var allocatedBytes: Int {
+        var st = stat()
+        stat(path, &st)
+        return Int(st.st_blocks) * 512
+    }
+
+    deinit { unlink(path) }
+}
+
+/// Runs a closure on a thread and keeps its result.
+final class Background<T: Sendable>: Sendable {
+    private final class Slot: Sendable {
+        let result = Mutex<Result<T, any Error>?>(nil)
+    }
+    private let slot = Slot()
+    private let thread: JoinableThread
+
+    init(_ name: String, _ body: @escaping @Sendable () throws -> T) {
+        let slot = self.slot
+        thread = JoinableThread(name: name) {
+            let r = Result { try body() }
+            slot.result.withLock { $0 = r }
+        }
+    }
+
+    func value() throws -> T {
+        thread.join()
+        return try slot.result.withLock { $0! }.get()
+    }
+}
+
+@Suite(.serialized) struct EngineTransferTests {
+    @Test func twoEnginesMoveARegionWhileFaultsHappen() throws {
+        let pages: UInt64 = 16384  // 64 MiB
+        let seed: UInt64 = 0x5EED
+        let holes = PageSet<PageIndex>(ranges: [
+            try PageRange(start: PageIndex(rawValue: 100), count: 900),
+            try PageRange(start: PageIndex(rawValue: 8000), count: 1),
+            try PageRange(start: PageIndex(rawValue: 16000), count: 384),
+        ])
+        let source = try TestRAMFile("src", size: Int(pages * 4096))
+        try source.fillPattern(seed: seed, holes: holes)
+        let target = try TestRAMFile("dst", size: Int(pages * 4096))
+        let targetFD = try FileDescriptor.open(target.path, O_RDWR)
+        let memory = try DestinationMemory.registerOwn(file: targetFD, length: Int(pages * 4096))
+        let destination = DestinationEngine(memory: memory, options: DestinationOptions(sessionID: 7))
+        let base = try #require(destination.ownMappingAddress)
+        let listener = try TCP.listen(on: Endpoint(host: "127.0.0.1", port: 0))
+        let endpoint = listener.endpoint
+        let listenerBox = ListenerBox(listener)
+
+        let dst = Background("dst") { try destination.run(listener: listenerBox.listener) }
+        let engine = try SourceEngine(ramFile: source.path, options: SourceOptions(sessionID: 7, vmName: "test-vm"))
+        let src = Background("src") { try engine.run(destination: endpoint) }
+        // Fault random pages while the push runs; each must read the source's content or zero.
+        let toucher = Background("touch") { () -> UInt64 in
+            var rng = SystemRandomNumberGenerator()
+            var bad: UInt64 = 0
+            for _ in 0..<3000 {
+                let page = UInt64.random(in: 0..<pages, using: &rng)
+                let address = UnsafeRawPointer(bitPattern: base + UInt(page * 4096))!
+                let ok = holes.contains(PageIndex(rawValue: page))
+                    ? MemoryCompare.isZeroPage(address)
+                    : epc_pattern_check(address, page, 1, seed) < 0
+                if !ok { bad += 1 }
+            }
+            return bad
+        }
+        let dstReport = try dst.value()
+        let srcReport = try src.value()
+        #expect(try toucher.value() == 0, "the toucher read wrong content")
+
+        let all = UnsafeRawPointer(bitPattern: base)!
+        let comparison = MemoryCompare.comparePattern(actual: all, pages: pages, seed: seed, zero: holes)
+        #expect(comparison.mismatchedPages == 0, "mismatched pages: \(comparison.firstMismatches)")
+        #expect(comparison.pagesCompared == pages)
+        // Holes are never sent; everything else is sent exactly once.
+        #expect(srcReport.pagesZero == holes.count)
+        #expect(srcReport.pagesPushed + srcReport.pagesUrgent == pages - holes.count)
+        #expect(dstReport.pagesReceived == pages - holes.count)
+        #expect(dstReport.metrics.faults > 0)
+        // The source gave every page back.
+        #expect(source.allocatedBytes == 0, "source still holds \(source.allocatedBytes) bytes")
+        withExtendedLifetime(targetFD) {}
+    }
+}
+
+/// Lets a ~Copyable listener be borrowed from a @Sendable closure.
+final class ListenerBox: @unchecked Sendable {
+    let listener: Listener
+    init(_ listener: consuming Listener) { self.listener = listener }
+}
