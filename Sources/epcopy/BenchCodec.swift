@@ -8,7 +8,7 @@ import EpcopyHostEngine
 import EpcopyProtocol
 import Foundation
 
-
+struct BenchCodec: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "codec",
         abstract: "Encode and decode a hot report of N pages in random ranges; print the time.",
