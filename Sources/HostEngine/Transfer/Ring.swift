@@ -137,7 +137,8 @@ public final class ProvidedBuffers {
     private let ringMemory: UnsafeMutableRawPointer
     private let ringBytes: Int
     private let storage: UnsafeMutableRawPointer
-    private unowned let owner: Ring
+    // Strong: the buffer ring must be unregistered before its io_uring goes away.
+    private let owner: Ring
 
     /// `count` must be a power of two (≤ 32768).
     public init(ring: Ring, group: UInt16, count: Int, size: Int) throws(SyscallError) {
