@@ -47,6 +47,7 @@ let package = Package(
                     path: "Tests/EpcopyGuestAgentTests"),
         .testTarget(name: "EpcopyHostEngineTests", dependencies: ["EpcopyHostEngine", "CEpcopyLinux"],
                     path: "Tests/EpcopyHostEngineTests"),
-        .testTarget(name: "EpcopyCLITests", dependencies: ["epcopy"], path: "Tests/EpcopyCLITests"),
+        .testTarget(name: "EpcopyCLITests", dependencies: ["epcopy", "EpcopyHostEngine", "EpcopyProtocol", "CEpcopyLinux"],
+                    path: "Tests/EpcopyCLITests"),
     ]
 )

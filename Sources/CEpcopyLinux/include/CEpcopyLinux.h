@@ -243,5 +243,7 @@ int64_t epc_pattern_check(const void *base, uint64_t first_page, uint64_t pages,
 /* ---- CRC32C with the SSE4.2 instruction (shim.c); the pure-Swift table version is the fallback ---- */
 int epc_cpu_has_sse42(void);
 uint32_t epc_crc32c_hw(uint32_t crc, const void *data, size_t len);
+/* The old single-chain version of epc_crc32c_hw (same results), kept for benchmark comparison. */
+uint32_t epc_crc32c_hw_serial(uint32_t crc, const void *data, size_t len);
 
 #endif
