@@ -114,8 +114,10 @@ public final class PushScheduler {
         self.hint = hint
         self.chunk = chunk
         self.prefetchPages = prefetchPages
-        var ordered = classes.sorted { $0.0.rawValue < $1.0.rawValue }
         let all = PageSet<PageIndex>(try! PageRange(start: PageIndex(rawValue: 0), count: max(regionPages, 1)))
+        // Class sets come from a guest report: clip them to the region (the engine must never trust
+        // them to stay inside it).
+        var ordered = classes.map { ($0.0, $0.1.intersection(all)) }.sorted { $0.0.rawValue < $1.0.rawValue }
         let covered = ordered.reduce(PageSet<PageIndex>()) { $0.union($1.1) }
         if regionPages > 0 {
             ordered.append((.unclassified, all.subtracting(covered)))
@@ -177,7 +179,7 @@ public final class PushScheduler {
             }
             if !runs.isEmpty {
                 chunk.grow()
-                return PushChunk(runs: runs, pushClass: pushClass, prefetch: false)
+                return PushChunk(runs: Array(PageSet(ranges: runs).ranges), pushClass: pushClass, prefetch: false)
             }
             if classDone {
                 classIndex += 1

@@ -114,11 +114,11 @@ public final class DestinationEngine: @unchecked Sendable {
         for range in options.initiallyPresent.ranges {
             for p in range.lowerBound.rawValue..<min(range.upperBound.rawValue, pages.regionPages) {
                 pages.present.insert(p)
-                pages.known.insert(p)
+                pages.markKnown(p)
             }
         }
         // Pages below the mapping (firstPage > 0) are not ours to fetch.
-        for p in 0..<self.memory.firstPage { pages.known.insert(p) }
+        for p in 0..<self.memory.firstPage { pages.markKnown(p) }
         stagingSize = Int(Link.peer.maxPayload) + FrameHeader.size
         staging = .allocate(byteCount: stagingSize, alignment: 4096)
     }
@@ -235,6 +235,15 @@ public final class DestinationEngine: @unchecked Sendable {
                                  metrics: snapshot, timeline: timeline.jsonLines)
     }
 
+    /// Pages the guest reports free after the switch (the agent's post-resume scan): those not yet here
+    /// are never fetched — a fault zero-fills them — and the source is told to drop them from the push.
+    /// Safe at any time: on the destination every first touch of a missing page goes through this
+    /// engine, and a page that is free at scan time has no content anyone may read.
+    public func markFree(_ free: PageSet<PageIndex>) {
+        let newly = pages.markZero(free)
+        if !newly.isEmpty { pages.freedNotPresent.withLock { $0.formUnion(newly) } }
+    }
+
     private func fail(_ error: PeerError) {
         failure.withLock { if $0 == nil { $0 = error } }
     }
@@ -298,7 +307,7 @@ public final class DestinationEngine: @unchecked Sendable {
                 page += donePages
                 placed += donePages
                 pages.present.insert(page)
-                pages.known.insert(page)
+                pages.markKnown(page)
                 page += 1
                 continue
             case .retry(let n):
@@ -323,7 +332,7 @@ public final class DestinationEngine: @unchecked Sendable {
         guard count > 0 else { return }
         for p in first..<(first + count) {
             pages.present.insert(p)
-            pages.known.insert(p)
+            pages.markKnown(p)
         }
         let now = monotonicNanos()
         for t in pending.resolve(start: first, count: count) { metrics.recordFaultLatency(nanos: now - t) }
@@ -517,15 +526,23 @@ public final class DestinationEngine: @unchecked Sendable {
                 }
                 lastAck = now
             } else if ackDue { lastAck = now }
+            let freed = pages.freedNotPresent.withLock { f -> PageSet<PageIndex> in
+                defer { f = PageSet() }
+                return f
+            }
+            for chunk in freed.chunked(maxRanges: 4096) where !chunk.isEmpty {
+                controlQueue.enqueue(OutgoingFrame(bytes: PeerMessage.freePages(chunk).encodedFrame(checksum: fastChecksum)),
+                                     now: now)
+            }
             if now - lastSample > 100_000_000 {
                 lastSample = now
-                Trace.log("dst: known \(pages.known.count)/\(pages.regionPages) present \(pages.present.count) "
+                Trace.log("dst: known \(pages.knownCount.load(ordering: .relaxed))/\(pages.regionPages) present \(pages.present.count) "
                           + "bytes \(bytesIn.load(ordering: .relaxed)) faults \(metrics.faults.load(ordering: .relaxed)) "
                           + "bulk want \(want) have \(have) header \(header != nil)")
                 timeline.sample(pagesPresent: pages.present.count, bytesReceived: bytesIn.load(ordering: .relaxed),
                                 faults: metrics.faults.load(ordering: .relaxed), now: now)
             }
-            if !sentDone, pages.known.count == pages.regionPages, acks.withLock({ $0.isEmpty }) {
+            if !sentDone, pages.knownCount.load(ordering: .relaxed) == pages.regionPages, acks.withLock({ $0.isEmpty }) {
                 sentDone = true
                 finished = true
                 let snapshot = metrics.snapshot()

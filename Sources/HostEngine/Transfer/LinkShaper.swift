@@ -24,8 +24,10 @@ public struct LinkSpec: Sendable, Equatable, CustomStringConvertible {
         let lower = text.lowercased()
         let units: [(String, UInt64)] = [("gbit", 1_000_000_000), ("mbit", 1_000_000), ("kbit", 1_000), ("bit", 1)]
         for (suffix, scale) in units where lower.hasSuffix(suffix) {
-            guard let value = Double(lower.dropLast(suffix.count)), value > 0 else { return nil }
-            return UInt64(value * Double(scale) / 8)
+            guard let value = Double(lower.dropLast(suffix.count)), value.isFinite, value > 0 else { return nil }
+            let bytes = value * Double(scale) / 8
+            guard bytes >= 1, bytes < 1e18 else { return nil }
+            return UInt64(bytes)
         }
         return nil
     }
@@ -36,8 +38,10 @@ public struct LinkSpec: Sendable, Equatable, CustomStringConvertible {
         let units: [(String, Double)] = [("ms", 1e6), ("us", 1e3), ("ns", 1), ("s", 1e9)]
         if lower == "0" { return 0 }
         for (suffix, scale) in units where lower.hasSuffix(suffix) {
-            guard let value = Double(lower.dropLast(suffix.count)), value >= 0 else { return nil }
-            return UInt64(value * scale)
+            guard let value = Double(lower.dropLast(suffix.count)), value.isFinite, value >= 0 else { return nil }
+            let nanos = value * scale
+            guard nanos < 1e15 else { return nil }  // 11 days: anything longer is a typo
+            return UInt64(nanos)
         }
         return nil
     }

@@ -78,12 +78,22 @@ public final class DestinationPages: Sendable {
     public let zero: AtomicPageBitmap
     public let known: AtomicPageBitmap
     public let regionPages: UInt64
+    /// Pages known so far (popcount of `known`, kept as a counter: the loops test it every iteration).
+    public let knownCount = Atomic<UInt64>(0)
+    /// Pages the guest freed or removed that were not here yet: the source must not send them.
+    public let freedNotPresent = Mutex(PageSet<PageIndex>())
 
     public init(regionPages: UInt64) {
         self.regionPages = regionPages
         present = AtomicPageBitmap(pageCount: regionPages)
         zero = AtomicPageBitmap(pageCount: regionPages)
         known = AtomicPageBitmap(pageCount: regionPages)
+    }
+
+    /// Marks a page known (present or zero); counts it once.
+    @inline(__always)
+    public func markKnown(_ page: UInt64) {
+        if known.insert(page) { knownCount.add(1, ordering: .relaxed) }
     }
 
     /// Marks pages zero unless they are already present; returns the pages newly marked.
@@ -93,7 +103,7 @@ public final class DestinationPages: Sendable {
             var p = range.lowerBound.rawValue
             while p < range.upperBound.rawValue, p < regionPages {
                 if !present.contains(p), zero.insert(p) {
-                    known.insert(p)
+                    markKnown(p)
                     marked.insert(PageIndex(rawValue: p))
                 }
                 p += 1
@@ -177,10 +187,14 @@ public final class FaultService: @unchecked Sendable {
         guard hi > lo else { return }
         let first = UInt64((lo - base) >> UInt(PageGeometry.shift)) + firstPage
         let count = UInt64((hi - lo) >> UInt(PageGeometry.shift))
+        var freed = PageSet<PageIndex>()
         for page in first..<(first + count) {
+            let wasPresent = pages.present.contains(page)
             pages.present.remove(page)
-            if pages.zero.insert(page) { pages.known.insert(page) }
+            if pages.zero.insert(page) { pages.markKnown(page) }
+            if !wasPresent { freed.insert(PageIndex(rawValue: page)) }
         }
+        if !freed.isEmpty { pages.freedNotPresent.withLock { $0.formUnion(freed) } }
     }
 
     /// Resolves a fault on its own when it can; returns the page if it must be fetched.
