@@ -131,6 +131,50 @@ final class Background<T: Sendable>: Sendable {
     }
 }
 
+extension EngineTransferTests {
+    @Test func pagesReportedFreeAfterResumeAreNeverSentAndReadAsZero() throws {
+        let pages: UInt64 = 16384
+        let seed: UInt64 = 0xF4EE
+        let free = PageSet<PageIndex>(try PageRange(start: PageIndex(rawValue: 14000), count: 2384))
+        let source = try TestRAMFile("src-free", size: Int(pages * 4096))
+        try source.fillPattern(seed: seed, holes: PageSet())
+        let target = try TestRAMFile("dst-free", size: Int(pages * 4096))
+        let targetFD = try FileDescriptor.open(target.path, O_RDWR)
+        let memory = try DestinationMemory.registerOwn(file: targetFD, length: Int(pages * 4096))
+        // A 1 Gbit/s link: the push reaches the end of the region long after the report arrives.
+        let link = LinkSpec(bytesPerSecond: 125_000_000)
+        let destination = DestinationEngine(memory: memory, options: DestinationOptions(sessionID: 8, link: link))
+        let base = try #require(destination.ownMappingAddress)
+        // As the agent's post-resume scan would: these pages are free in the guest.
+        destination.markFree(free)
+        let listenerBox = ListenerBox(try TCP.listen(on: Endpoint(host: "127.0.0.1", port: 0)))
+        let endpoint = listenerBox.listener.endpoint
+        let dst = Background("dst") { try destination.run(listener: listenerBox.listener) }
+        let engine = try SourceEngine(ramFile: source.path, options: SourceOptions(sessionID: 8, vmName: "t", link: link))
+        let src = Background("src") { try engine.run(destination: endpoint) }
+        let toucher = Background("touch") { () -> UInt64 in
+            var bad: UInt64 = 0
+            for page in stride(from: UInt64(13990), to: 14010, by: 1) {
+                let address = UnsafeRawPointer(bitPattern: base + UInt(page * 4096))!
+                let ok = free.contains(PageIndex(rawValue: page))
+                    ? MemoryCompare.isZeroPage(address) : epc_pattern_check(address, page, 1, seed) < 0
+                if !ok { bad += 1 }
+            }
+            return bad
+        }
+        _ = try dst.value()
+        let report = try src.value()
+        #expect(try toucher.value() == 0)
+        #expect(report.pagesFree == free.count)
+        #expect(report.pagesPushed + report.pagesUrgent == pages - free.count, "free pages were sent")
+        let comparison = MemoryCompare.comparePattern(actual: UnsafeRawPointer(bitPattern: base)!, pages: pages,
+                                                      seed: seed, zero: free)
+        #expect(comparison.mismatchedPages == 0, "\(comparison.firstMismatches)")
+        #expect(source.allocatedBytes == 0)
+        withExtendedLifetime(targetFD) {}
+    }
+}
+
 /// Lets a ~Copyable listener be borrowed from a @Sendable closure.
 final class ListenerBox: @unchecked Sendable {
     let listener: Listener
