@@ -233,6 +233,7 @@ static inline uint64_t epc_atomic_fetch_and_u64(uint64_t *p, uint64_t v) {
 /* ---- small things Swift's Glibc module does not expose (GNU extensions); defined in shim.c ---- */
 int epc_eventfd(unsigned int initval, int nonblocking);
 int epc_set_thread_name(const char *name);
+static inline int epc_gettid(void) { return (int)syscall(SYS_gettid); }
 
 /* ---- the test pattern (shim.c): page p, word w = splitmix64(seed ^ (p << 20) ^ w), as in epcopy-memtouch.
  * In C because tests run debug builds, where filling 256 MiB in Swift would dominate the test. ---- */

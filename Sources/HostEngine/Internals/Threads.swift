@@ -30,6 +30,13 @@ public final class JoinableThread: @unchecked Sendable {
         precondition(rc == 0, "pthread_create: \(Errno.name(rc))")
     }
 
+    /// Sets the calling thread's nice value (Linux schedules threads individually). Fault-path threads
+    /// run at -10 so that on a busy host a fault's few microseconds of work do not wait behind a bulk
+    /// copy for a time slice. Needs CAP_SYS_NICE to go below 0; without it the call is a no-op.
+    public static func setCurrentNice(_ nice: Int32) {
+        _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), id_t(epc_gettid()), nice)
+    }
+
     /// Names the calling thread (15 characters at most): names show up in `top -H` and perf.
     public static func nameCurrent(_ name: String) {
         _ = epc_set_thread_name(String(name.prefix(15)))

@@ -8,6 +8,9 @@ import Synchronization
 public final class TransferMetrics: Sendable {
     private struct State {
         var faultLatency = Histogram<UInt64>(highestTrackableValue: 60_000_000, numberOfSignificantValueDigits: .three)
+        /// Faults whose page was already on its way in a bulk frame (the source sends a page once).
+        var faultLatencyInFlight = Histogram<UInt64>(highestTrackableValue: 60_000_000,
+                                                     numberOfSignificantValueDigits: .three)
         var pagesByClass: [PushClass: UInt64] = [:]
         var bytesByClass: [PushClass: UInt64] = [:]
     }
@@ -23,8 +26,11 @@ public final class TransferMetrics: Sendable {
     public init() {}
 
     /// Latency from reading the fault to the page being placed (the faulting thread woken), in ns.
-    public func recordFaultLatency(nanos: UInt64) {
-        state.withLock { _ = $0.faultLatency.record(max(nanos / 1000, 1)) }
+    public func recordFaultLatency(nanos: UInt64, viaBulk: Bool = false) {
+        state.withLock {
+            _ = $0.faultLatency.record(max(nanos / 1000, 1))
+            if viaBulk { _ = $0.faultLatencyInFlight.record(max(nanos / 1000, 1)) }
+        }
     }
 
     public func recordPushed(_ pushClass: PushClass, pages: UInt64) {
@@ -42,6 +48,8 @@ public final class TransferMetrics: Sendable {
         public var faultP50Micros: UInt64
         public var faultP99Micros: UInt64
         public var faultMaxMicros: UInt64
+        public var faultsResolvedByBulk: UInt64
+        public var faultInFlightP50Micros: UInt64
         public var urgentPages: UInt64
         public var bulkPages: UInt64
         public var bytesWire: UInt64
@@ -55,6 +63,8 @@ public final class TransferMetrics: Sendable {
             case faultP50Micros = "fault_p50_us"
             case faultP99Micros = "fault_p99_us"
             case faultMaxMicros = "fault_max_us"
+            case faultsResolvedByBulk = "faults_resolved_by_bulk"
+            case faultInFlightP50Micros = "fault_in_flight_p50_us"
             case urgentPages = "urgent_pages"
             case bulkPages = "bulk_pages"
             case bytesWire = "bytes_wire"
@@ -72,6 +82,9 @@ public final class TransferMetrics: Sendable {
                 faultP50Micros: s.faultLatency.totalCount == 0 ? 0 : s.faultLatency.valueAtPercentile(50),
                 faultP99Micros: s.faultLatency.totalCount == 0 ? 0 : s.faultLatency.valueAtPercentile(99),
                 faultMaxMicros: s.faultLatency.totalCount == 0 ? 0 : s.faultLatency.max,
+                faultsResolvedByBulk: s.faultLatencyInFlight.totalCount,
+                faultInFlightP50Micros: s.faultLatencyInFlight.totalCount == 0
+                    ? 0 : s.faultLatencyInFlight.valueAtPercentile(50),
                 urgentPages: urgentPages.load(ordering: .relaxed),
                 bulkPages: bulkPages.load(ordering: .relaxed),
                 bytesWire: bytesWire.load(ordering: .relaxed),

@@ -104,6 +104,8 @@ public final class DestinationEngine: @unchecked Sendable {
     private let acks = Mutex(PageSet<PageIndex>())
     private let failure = Mutex<PeerError?>(nil)
     private let bytesIn = Atomic<UInt64>(0)
+    /// CPU seconds of the engine's helper threads, added when each ends.
+    private let threadCPU = Mutex<Double>(0)
     private let staging: UnsafeMutableRawPointer
     private let stagingSize: Int
 
@@ -132,7 +134,7 @@ public final class DestinationEngine: @unchecked Sendable {
     /// here. The guest (or test program) may fault from before this call until after it returns.
     public func run(listener: borrowing Listener) throws(PeerError) -> DestinationReport {
         let start = monotonicNanos()
-        let cpuStart = processCPUSeconds()
+        let cpuStart = threadCPUSeconds()
         let timeline = Timeline(start: start)
         var control: PeerConnection? = nil
         var urgent: PeerConnection? = nil
@@ -171,7 +173,7 @@ public final class DestinationEngine: @unchecked Sendable {
                 try connection.send(.welcome(PeerWelcome(version: version, sessionID: options.sessionID)))
             } catch let e as PeerError { throw e } catch { throw .unexpected("\(error)") }
             if kind != .bulk { TCP.setNoDelay(connection.descriptor.rawValue) }
-            TCP.setBufferSizes(connection.descriptor.rawValue, bytes: kind == .bulk ? 8 << 20 : 1 << 20)
+            TCP.setBufferSizes(connection.descriptor.rawValue, bytes: 1 << 20)
             switch kind {
             case .control: control = connection
             case .urgent: urgent = connection
@@ -197,6 +199,8 @@ public final class DestinationEngine: @unchecked Sendable {
                                         quitFD: quitFaults.descriptor.rawValue)
         let faultThread = JoinableThread(name: "epcopy-faults") { [self] in
             do throws(SyscallError) { try faultService.run() } catch { fail(.syscall("fault thread", error)) }
+            let cpu = threadCPUSeconds()
+            threadCPU.withLock { $0 += cpu }
         }
         let urgentFD = urgentConnection.descriptor.rawValue
         let leftover = urgentConnection.takeBufferedBytes()
@@ -205,6 +209,8 @@ public final class DestinationEngine: @unchecked Sendable {
             do {
                 try urgentLoop(fd: urgentFD, leftover: leftover, requests: requests, quitFD: quitUrgentFD)
             } catch let error as PeerError { fail(error) } catch { fail(.unexpected("urgent loop: \(error)")) }
+            let cpu = threadCPUSeconds()
+            threadCPU.withLock { $0 += cpu }
         }
         defer {
             quitFaults.signal()
@@ -231,7 +237,7 @@ public final class DestinationEngine: @unchecked Sendable {
         withExtendedLifetime((urgentConnection, bulkConnection)) {}
         return DestinationReport(regionPages: pages.regionPages, pagesReceived: snapshot.bulkPages + snapshot.urgentPages,
                                  pagesZero: pages.zero.count, bytesReceived: bytesIn.load(ordering: .relaxed),
-                                 transferMillis: Double(end - start) / 1e6, cpuSeconds: processCPUSeconds() - cpuStart,
+                                 transferMillis: Double(end - start) / 1e6, cpuSeconds: threadCPUSeconds() - cpuStart + threadCPU.withLock { $0 },
                                  metrics: snapshot, timeline: timeline.jsonLines)
     }
 
@@ -268,7 +274,8 @@ public final class DestinationEngine: @unchecked Sendable {
             while q < end, !pages.present.contains(q), !pages.zero.contains(q) { q += 1 }
             if q > p {
                 placed += try copy(first: p, count: q - p,
-                                   from: source + Int((p - run.lowerBound.rawValue) << PageGeometry.shift))
+                                   from: source + Int((p - run.lowerBound.rawValue) << PageGeometry.shift),
+                                   urgent: urgent)
             }
             p = q
         }
@@ -280,7 +287,8 @@ public final class DestinationEngine: @unchecked Sendable {
         return placed
     }
 
-    private func copy(first: UInt64, count: UInt64, from source: UnsafeRawPointer) throws(PeerError) -> UInt64 {
+    private func copy(first: UInt64, count: UInt64, from source: UnsafeRawPointer,
+                      urgent: Bool) throws(PeerError) -> UInt64 {
         var page = first
         let end = first + count
         var placed: UInt64 = 0
@@ -303,7 +311,7 @@ public final class DestinationEngine: @unchecked Sendable {
             case .alreadyPresent(let n):
                 // Someone placed the next page first (a zero fill on fault): skip it.
                 donePages = UInt64(n) >> PageGeometry.shift
-                markPlaced(first: page, count: donePages)
+                markPlaced(first: page, count: donePages, urgent: urgent)
                 page += donePages
                 placed += donePages
                 pages.present.insert(page)
@@ -319,7 +327,7 @@ public final class DestinationEngine: @unchecked Sendable {
             case .targetGone:
                 throw .unexpected("the process that owns guest memory is gone")
             }
-            markPlaced(first: page, count: donePages)
+            markPlaced(first: page, count: donePages, urgent: urgent)
             placed += donePages
             page += donePages
             // A page marked zero meanwhile (removed) must not be placed: re-check the rest.
@@ -328,14 +336,16 @@ public final class DestinationEngine: @unchecked Sendable {
         return placed
     }
 
-    private func markPlaced(first: UInt64, count: UInt64) {
+    private func markPlaced(first: UInt64, count: UInt64, urgent: Bool) {
         guard count > 0 else { return }
         for p in first..<(first + count) {
             pages.present.insert(p)
             pages.markKnown(p)
         }
         let now = monotonicNanos()
-        for t in pending.resolve(start: first, count: count) { metrics.recordFaultLatency(nanos: now - t) }
+        for t in pending.resolve(start: first, count: count) {
+            metrics.recordFaultLatency(nanos: now - t, viaBulk: !urgent)
+        }
         acks.withLock { $0.insert(try! PageRange(start: PageIndex(rawValue: first), count: count)) }
     }
 
@@ -353,6 +363,7 @@ public final class DestinationEngine: @unchecked Sendable {
     }
 
     private func urgentLoop(fd: Int32, leftover: [UInt8], requests: RequestQueue, quitFD: Int32) throws {
+        JoinableThread.setCurrentNice(-10)
         let ring = try Ring(entries: 64)
         let stream = try MessageStream(fd: fd, tag: Tag.urgentRecv, channel: .urgent, ring: ring, group: 1,
                                        context: PeerDecodeContext(regionPages: pages.regionPages), alreadyRead: leftover)

@@ -143,6 +143,7 @@ public final class FaultService: @unchecked Sendable {
 
     /// Serves faults until the quit eventfd is signalled. Throws only on a broken uffd.
     public func run() throws(SyscallError) {
+        JoinableThread.setCurrentNice(-10)
         let messageSize = epc_uffd_msg_size()
         let batch = 64
         let buffer = UnsafeMutableRawPointer.allocate(byteCount: messageSize * batch, alignment: 8)
