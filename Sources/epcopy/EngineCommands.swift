@@ -104,6 +104,8 @@ struct EngineDestination: ParsableCommand {
     @Option(help: "Write the takeover state here once guest memory is handed over.") var state: String?
     @Option(help: "Take over guest memory described by this state file (after an engine died).")
     var takeOver: String?
+    @Option(help: "Write the transfer timeline here as JSON lines (t_ms, pages_present, bytes, faults every 100 ms).")
+    var timeline: String?
     @OptionGroup var link: LinkOptions
     @OptionGroup var output: OutputOptions
 
@@ -152,6 +154,10 @@ struct EngineDestination: ParsableCommand {
             sessionID: session, link: try link.spec(), initiallyPresent: present))
         do {
             let report = try engine.run(listener: listener)
+            if let timeline {
+                try (report.timeline.joined(separator: "\n") + "\n").write(toFile: timeline, atomically: true,
+                                                                          encoding: .utf8)
+            }
             if output.json {
                 print(try JSONOutput.string(report))
             } else {

@@ -61,10 +61,19 @@ public final class LinkShaper: Sendable {
     /// The time (monotonic ns) at which a frame of `bytes` entering the link at `now` has fully
     /// arrived at the far end: it waits for the frames ahead of it, takes bytes/rate to serialise,
     /// and then the one-way delay.
-    public func arrival(bytes: Int, now: UInt64) -> UInt64 {
+    ///
+    /// `sparse` frames (fault requests and replies, acknowledgements) are served the way a flow-queueing
+    /// qdisc (fq_codel, the Linux default) serves a sparse flow: ahead of the bulk backlog, which they
+    /// push back by their own serialisation time. A plain FIFO would make every fault wait for megabytes
+    /// of queued bulk pages, which is not what a real link with separate TCP connections does.
+    public func arrival(bytes: Int, now: UInt64, sparse: Bool = false) -> UInt64 {
         guard let rate = spec.bytesPerSecond else { return now + spec.delayNanos }
         let serialise = UInt64(bytes) * 1_000_000_000 / max(rate, 1)
         let finish = linkFreeAt.withLock { free -> UInt64 in
+            if sparse {
+                free = max(now, free) + serialise
+                return now + serialise
+            }
             let start = max(now, free)
             free = start + serialise
             return free

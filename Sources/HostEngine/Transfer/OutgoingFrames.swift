@@ -109,11 +109,15 @@ public final class SendQueue {
     public private(set) var bytesSent: UInt64 = 0
     private let shaper: LinkShaper?
 
+    /// Sparse queues (urgent, control) are served ahead of bulk backlog on an emulated link.
+    private let sparse: Bool
+
     /// `tag` is the io_uring user_data of this queue's sends.
-    public init(fd: Int32, tag: UInt64, shaper: LinkShaper?) {
+    public init(fd: Int32, tag: UInt64, shaper: LinkShaper?, sparse: Bool = true) {
         self.fd = fd
         self.tag = tag
         self.shaper = shaper
+        self.sparse = sparse
     }
 
     public var pending: Int { queue.count - head + (inFlight == nil ? 0 : 1) }
@@ -121,7 +125,7 @@ public final class SendQueue {
 
     public func enqueue(_ frame: OutgoingFrame, now: UInt64) {
         if let shaper, shaper.spec.isShaped {
-            frame.notBefore = shaper.arrival(bytes: frame.totalBytes, now: now)
+            frame.notBefore = shaper.arrival(bytes: frame.totalBytes, now: now, sparse: sparse)
         }
         queue.append(frame)
     }

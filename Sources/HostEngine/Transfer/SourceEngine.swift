@@ -404,7 +404,7 @@ public final class SourceEngine: @unchecked Sendable {
         let stream = try MessageStream(fd: controlFD, tag: Tag.controlRecv, channel: .control, ring: ring, group: 2,
                                        context: PeerDecodeContext(regionPages: regionPages),
                                        alreadyRead: control.takeBufferedBytes())
-        let bulkQueue = SendQueue(fd: bulk, tag: Tag.bulkSend, shaper: shaper)
+        let bulkQueue = SendQueue(fd: bulk, tag: Tag.bulkSend, shaper: shaper, sparse: false)
         let controlQueue = SendQueue(fd: controlFD, tag: Tag.controlSend, shaper: shaper)
         try stream.arm(ring)
         let mappingBase = UnsafeRawPointer(mapping.pointer)
