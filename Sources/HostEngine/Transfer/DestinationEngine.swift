@@ -60,14 +60,17 @@ public struct DestinationOptions: Sendable {
     public var acceptTimeoutMillis: Int32
     /// Unregister the range when done (always, except in tests that inspect the registration).
     public var unregisterWhenDone: Bool
+    /// Record a digest of every placed page (`--verify`): see PageDigests.
+    public var recordDigests: Bool
 
     public init(sessionID: UInt64, link: LinkSpec = .unshaped, initiallyPresent: PageSet<PageIndex> = PageSet(),
-                acceptTimeoutMillis: Int32 = 30_000, unregisterWhenDone: Bool = true) {
+                acceptTimeoutMillis: Int32 = 30_000, unregisterWhenDone: Bool = true, recordDigests: Bool = false) {
         self.sessionID = sessionID
         self.link = link
         self.initiallyPresent = initiallyPresent
         self.acceptTimeoutMillis = acceptTimeoutMillis
         self.unregisterWhenDone = unregisterWhenDone
+        self.recordDigests = recordDigests
     }
 }
 
@@ -106,6 +109,8 @@ public final class DestinationEngine: @unchecked Sendable {
     private let bytesIn = Atomic<UInt64>(0)
     /// CPU seconds of the engine's helper threads, added when each ends.
     private let threadCPU = Mutex<Double>(0)
+    /// Digests of placed pages when `options.recordDigests`.
+    public let digests: PageDigests?
     private let staging: UnsafeMutableRawPointer
     private let stagingSize: Int
 
@@ -113,6 +118,7 @@ public final class DestinationEngine: @unchecked Sendable {
         self.memory = memory
         self.options = options
         self.pages = DestinationPages(regionPages: self.memory.regionPages)
+        self.digests = options.recordDigests ? PageDigests(pageCount: self.memory.regionPages) : nil
         for range in options.initiallyPresent.ranges {
             for p in range.lowerBound.rawValue..<min(range.upperBound.rawValue, pages.regionPages) {
                 pages.present.insert(p)
@@ -311,6 +317,7 @@ public final class DestinationEngine: @unchecked Sendable {
             case .alreadyPresent(let n):
                 // Someone placed the next page first (a zero fill on fault): skip it.
                 donePages = UInt64(n) >> PageGeometry.shift
+                digests?.record(first: page, count: donePages, from: src)
                 markPlaced(first: page, count: donePages, urgent: urgent)
                 page += donePages
                 placed += donePages
@@ -327,6 +334,7 @@ public final class DestinationEngine: @unchecked Sendable {
             case .targetGone:
                 throw .unexpected("the process that owns guest memory is gone")
             }
+            digests?.record(first: page, count: donePages, from: src)
             markPlaced(first: page, count: donePages, urgent: urgent)
             placed += donePages
             page += donePages

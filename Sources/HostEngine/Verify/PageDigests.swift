@@ -1,0 +1,77 @@
+// What the destination placed, page by page, as CRC32C digests: the migration's integrity check. The
+// guest keeps running and writing after RESUME, so comparing memories afterwards would flag the guest's
+// own writes; comparing what was *placed* with what the source held at STOP is exact. Four bytes a
+// page (512 KiB for a 512 MiB guest); each slot is written once, by the thread that placed the page.
+
+import CEpcopyLinux
+import EpcopyProtocol
+
+public final class PageDigests: @unchecked Sendable {
+    // SAFETY (@unchecked): slot p is written only by the thread that placed page p (a page is placed
+    // once: UFFDIO_COPY is atomic and EEXIST for the loser), and read after the transfer has ended.
+    private let slots: UnsafeMutablePointer<UInt32>
+    private let recorded: AtomicPageBitmap
+    public let pageCount: UInt64
+
+    public init(pageCount: UInt64) {
+        self.pageCount = pageCount
+        slots = .allocate(capacity: Int(max(pageCount, 1)))
+        slots.initialize(repeating: 0, count: Int(max(pageCount, 1)))
+        recorded = AtomicPageBitmap(pageCount: pageCount)
+    }
+
+    deinit { slots.deallocate() }
+
+    /// The digest of one 4 KiB page.
+    @inline(__always)
+    public static func digest(_ page: UnsafeRawPointer) -> UInt32 {
+        fastChecksum(UnsafeRawBufferPointer(start: page, count: Int(PageGeometry.size)), 0)
+    }
+
+    public static let zeroPageDigest: UInt32 = {
+        let zeros = [UInt8](repeating: 0, count: Int(PageGeometry.size))
+        return zeros.withUnsafeBytes { digest($0.baseAddress!) }
+    }()
+
+    /// Records `count` pages starting at `first`, read from `source`.
+    public func record(first: UInt64, count: UInt64, from source: UnsafeRawPointer) {
+        for i in 0..<count {
+            slots[Int(first + i)] = Self.digest(source + Int(i << PageGeometry.shift))
+            recorded.insert(first + i)
+        }
+    }
+
+    public func recordZero(_ page: UInt64) {
+        slots[Int(page)] = Self.zeroPageDigest
+        recorded.insert(page)
+    }
+
+    /// The digest of what was placed at `page`, or nil if nothing was placed there.
+    public func placed(_ page: UInt64) -> UInt32? {
+        recorded.contains(page) ? slots[Int(page)] : nil
+    }
+
+    /// Compares against the source as it was at STOP (`source` maps the whole RAM file). Pages never
+    /// placed must be zero at the source (holes) or in `free` (the guest said so after resume).
+    public func compare(source: UnsafeRawPointer, free: PageSet<PageIndex> = PageSet()) -> MemoryComparison {
+        var result = MemoryComparison(pagesCompared: 0, mismatchedPages: 0, firstMismatches: [])
+        for page in 0..<pageCount {
+            let expected = Self.digest(source + Int(page << PageGeometry.shift))
+            let bad: Bool
+            if let placed = placed(page) {
+                bad = placed != expected
+            } else if free.contains(PageIndex(rawValue: page)) {
+                continue
+            } else {
+                bad = expected != Self.zeroPageDigest
+                    || !MemoryCompare.isZeroPage(source + Int(page << PageGeometry.shift))
+            }
+            result.pagesCompared += 1
+            if bad {
+                result.mismatchedPages += 1
+                if result.firstMismatches.count < 16 { result.firstMismatches.append(page) }
+            }
+        }
+        return result
+    }
+}
