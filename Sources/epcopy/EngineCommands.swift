@@ -14,6 +14,21 @@ struct Engine: ParsableCommand {
     )
 }
 
+/// The shared key both engines prove they hold before any page moves.
+struct KeyOptions: ParsableArguments {
+    @Option(help: "File with the shared key (at least 16 bytes; keep it mode 0600). Without it the engines do not authenticate.")
+    var keyFile: String?
+
+    func key() throws -> [UInt8]? {
+        guard let keyFile else { return nil }
+        guard let data = FileManager.default.contents(atPath: keyFile) else {
+            throw ValidationError("--key-file: cannot read \(keyFile)")
+        }
+        guard data.count >= 16 else { throw ValidationError("--key-file: \(keyFile) holds \(data.count) bytes; use at least 16") }
+        return [UInt8](data)
+    }
+}
+
 /// Link emulation options shared by both roles.
 struct LinkOptions: ParsableArguments {
     @Option(help: "Cap the link at this rate, e.g. 1gbit or 10gbit (emulated in user space).")
@@ -62,13 +77,14 @@ struct EngineSource: ParsableCommand {
     @Flag(help: "Do not punch sent pages out of the RAM file (keeps the source intact, for comparisons).")
     var keepSource = false
     @OptionGroup var link: LinkOptions
+    @OptionGroup var keys: KeyOptions
     @OptionGroup var output: OutputOptions
 
     func run() throws {
         let endpoint = try parseEndpoint(to, option: "--to")
         let options = SourceOptions(sessionID: session, vmName: vm, link: try link.spec(),
                                     reconnectTimeoutMillis: Int32(reconnectTimeout * 1000),
-                                    releaseMemory: !keepSource)
+                                    releaseMemory: !keepSource, authKey: try keys.key())
         do {
             let engine = try SourceEngine(ramFile: ramFile, options: options)
             let report = try engine.run(destination: endpoint)
@@ -107,6 +123,7 @@ struct EngineDestination: ParsableCommand {
     @Option(help: "Write the transfer timeline here as JSON lines (t_ms, pages_present, bytes, faults every 100 ms).")
     var timeline: String?
     @OptionGroup var link: LinkOptions
+    @OptionGroup var keys: KeyOptions
     @OptionGroup var output: OutputOptions
 
     func validate() throws {
@@ -151,7 +168,7 @@ struct EngineDestination: ParsableCommand {
             }
         }
         let engine = DestinationEngine(memory: memory, options: DestinationOptions(
-            sessionID: session, link: try link.spec(), initiallyPresent: present))
+            sessionID: session, link: try link.spec(), initiallyPresent: present, authKey: try keys.key()))
         do {
             let report = try engine.run(listener: listener)
             if let timeline {

@@ -62,15 +62,19 @@ public struct DestinationOptions: Sendable {
     public var unregisterWhenDone: Bool
     /// Record a digest of every placed page (`--verify`): see PageDigests.
     public var recordDigests: Bool
+    /// Shared key: a source that cannot prove it holds it is refused.
+    public var authKey: [UInt8]?
 
     public init(sessionID: UInt64, link: LinkSpec = .unshaped, initiallyPresent: PageSet<PageIndex> = PageSet(),
-                acceptTimeoutMillis: Int32 = 30_000, unregisterWhenDone: Bool = true, recordDigests: Bool = false) {
+                acceptTimeoutMillis: Int32 = 30_000, unregisterWhenDone: Bool = true, recordDigests: Bool = false,
+                authKey: [UInt8]? = nil) {
         self.sessionID = sessionID
         self.link = link
         self.initiallyPresent = initiallyPresent
         self.acceptTimeoutMillis = acceptTimeoutMillis
         self.unregisterWhenDone = unregisterWhenDone
         self.recordDigests = recordDigests
+        self.authKey = authKey
     }
 }
 
@@ -171,6 +175,9 @@ public final class DestinationEngine: @unchecked Sendable {
                 throw .unexpected("handshake on the \(kind) channel: \(reason)")
             }
             connection.channel = kind
+            if let key = options.authKey {
+                try authenticate(connection, hello: hello, key: key)
+            }
             let version: UInt8
             do { version = try WireVersion.negotiate(local: WireVersion.supported, remote: hello.versions) } catch {
                 throw .protocolViolation("version negotiation", error)
@@ -245,6 +252,21 @@ public final class DestinationEngine: @unchecked Sendable {
                                  pagesZero: pages.zero.count, bytesReceived: bytesIn.load(ordering: .relaxed),
                                  transferMillis: Double(end - start) / 1e6, cpuSeconds: threadCPUSeconds() - cpuStart + threadCPU.withLock { $0 },
                                  metrics: snapshot, timeline: timeline.jsonLines)
+    }
+
+    /// Mutual HMAC challenge-response: answer the source's nonce, then make it answer ours.
+    private func authenticate(_ connection: PeerConnection, hello: PeerHello, key: [UInt8]) throws(PeerError) {
+        try connection.send(.authResponse(mac: HMACSHA256.response(key: key, challenge: hello.nonce,
+                                                                   sessionID: hello.sessionID, role: .destination)))
+        let challenge = Bytes32.random()
+        try connection.send(.authChallenge(nonce: challenge))
+        let reply = try connection.receive(timeoutMillis: options.acceptTimeoutMillis)
+        let expected = HMACSHA256.response(key: key, challenge: challenge, sessionID: hello.sessionID, role: .source)
+        guard case .authResponse(let mac) = reply, mac.constantTimeEquals(expected) else {
+            try? connection.send(.abort(PeerAbort(code: 3, reason: "authentication failed")))
+            throw .unexpected("authentication failed on the \(connection.channel) channel: the source did not prove "
+                              + "it holds the shared key")
+        }
     }
 
     /// Pages the guest reports free after the switch (the agent's post-resume scan): those not yet here

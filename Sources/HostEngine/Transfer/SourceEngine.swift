@@ -31,11 +31,13 @@ public struct SourceOptions: Sendable {
     /// Punch acknowledged pages out of the RAM file (the point of the source role; off only in tests
     /// that need the source intact afterwards).
     public var releaseMemory: Bool
+    /// Shared key: both engines prove they hold it (HMAC-SHA256 challenge-response) before any page moves.
+    public var authKey: [UInt8]?
 
     public init(sessionID: UInt64, vmName: String, link: LinkSpec = .unshaped,
                 classes: [(PushClass, PageSet<PageIndex>)] = [], connectTimeoutMillis: Int32 = 10_000,
                 reconnectTimeoutMillis: Int32 = 0, maxFramePages: UInt64 = 256, prefetchPages: UInt64 = 64,
-                releaseMemory: Bool = true) {
+                releaseMemory: Bool = true, authKey: [UInt8]? = nil) {
         self.sessionID = sessionID
         self.vmName = vmName
         self.link = link
@@ -45,6 +47,7 @@ public struct SourceOptions: Sendable {
         self.maxFramePages = maxFramePages
         self.prefetchPages = prefetchPages
         self.releaseMemory = releaseMemory
+        self.authKey = authKey
     }
 }
 
@@ -192,12 +195,37 @@ public final class SourceEngine: @unchecked Sendable {
                     TCP.setBufferSizes(fd.rawValue, bytes: 1 << 20)
                     let connection = PeerConnection(descriptor: fd, channel: kind,
                                                     context: PeerDecodeContext(regionPages: regionPages))
+                    let nonce = Bytes32.random()
                     let hello = try PeerHello(role: .source, channel: kind.rawValue, sessionID: options.sessionID,
-                                              vmName: options.vmName, regionPages: regionPages,
-                                              nonce: Bytes32.random())
+                                              vmName: options.vmName, regionPages: regionPages, nonce: nonce)
                     try connection.send(.hello(hello))
-                    switch try connection.receive(timeoutMillis: options.connectTimeoutMillis) {
+                    var destinationProven = false
+                    var reply = try connection.receive(timeoutMillis: options.connectTimeoutMillis)
+                    if case .authResponse(let mac) = reply {
+                        // The destination proves it holds the key by MACing our nonce.
+                        guard let key = options.authKey else {
+                            throw PeerError.unexpected("the destination requires authentication: give the shared key")
+                        }
+                        let expected = HMACSHA256.response(key: key, challenge: nonce, sessionID: options.sessionID,
+                                                           role: .destination)
+                        guard mac.constantTimeEquals(expected) else {
+                            throw PeerError.unexpected("authentication failed on the \(kind) channel: the destination's "
+                                                       + "key does not match ours")
+                        }
+                        destinationProven = true
+                        guard case .authChallenge(let challenge) = try connection.receive(
+                            timeoutMillis: options.connectTimeoutMillis)
+                        else { throw PeerError.unexpected("handshake: expected the destination's challenge") }
+                        try connection.send(.authResponse(mac: HMACSHA256.response(
+                            key: key, challenge: challenge, sessionID: options.sessionID, role: .source)))
+                        reply = try connection.receive(timeoutMillis: options.connectTimeoutMillis)
+                    }
+                    switch reply {
                     case .welcome(let w) where w.sessionID == options.sessionID:
+                        if options.authKey != nil && !destinationProven {
+                            throw PeerError.unexpected("the destination did not authenticate; refusing to send memory "
+                                                       + "to an unauthenticated peer")
+                        }
                         return connection
                     case .abort(let a):
                         throw PeerError.aborted(code: a.code, reason: a.reason)

@@ -1,0 +1,39 @@
+#!/bin/sh
+# /init of the epcopy test guest (busybox sh, PID 1). Installed by build.sh.
+export PATH=/bin:/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+if ! mount -t devtmpfs devtmpfs /dev 2>/dev/null; then
+    mount -t tmpfs -o mode=0755 tmpfs /dev
+    mknod -m 600 /dev/console c 5 1
+    mknod -m 666 /dev/null c 1 3
+fi
+exec </dev/console >/dev/console 2>&1
+mkdir -p /tmp /run
+# Boot messages are useful; afterwards only errors, so they rarely split memtest lines.
+echo 4 >/proc/sys/kernel/printk
+
+# Modules in dependency order (written by build.sh).
+while read -r ko; do
+    [ -n "$ko" ] || continue
+    insmod "/lib/modules/$ko" || echo "epcopy-init: insmod $ko failed"
+done </lib/modules/load-order
+
+cmdline=$(cat /proc/cmdline)
+echo "epcopy-init: up after $(cut -d' ' -f1 /proc/uptime)s"
+/bin/epcopy-memtest &
+memtest=$!
+
+case " $cmdline " in
+*" epcopy.shell=1 "*)
+    # Interactive shell on the console, respawned if it exits.
+    while true; do setsid cttyhack sh; sleep 1; done &
+    ;;
+esac
+
+wait "$memtest"
+echo "epcopy-init: epcopy-memtest exited rc=$?"
+# PID 1 must never exit.
+while true; do
+    sleep 3600
+done
