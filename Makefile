@@ -13,7 +13,7 @@ build: deps
 	$(SWIFT) build
 
 # Swift Testing only: the suite has no XCTest cases, and XCTest's empty summary would read as "no tests".
-test: deps
+test: deps guest
 	$(SWIFT) build --build-tests
 	$(SWIFT) test --skip-build --disable-xctest
 
@@ -26,3 +26,7 @@ probe: deps
 
 clean:
 	rm -rf .build
+
+guest:
+	@Workloads/guest/build.sh
+.PHONY: guest

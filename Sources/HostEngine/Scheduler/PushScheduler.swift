@@ -138,6 +138,11 @@ public final class PushScheduler {
         return newly
     }
 
+    /// True while the class order is still in the device class (prefetch aside).
+    public var inDeviceClass: Bool {
+        classIndex < classes.count && classes[classIndex].0 == .device
+    }
+
     /// The next chunk to push, or nil when every page has been claimed.
     public func next() -> PushChunk? {
         let (generation, faultPage) = hint.read()

@@ -374,6 +374,7 @@ public final class DestinationEngine: @unchecked Sendable {
         }
         let now = monotonicNanos()
         for t in pending.resolve(start: first, count: count) {
+            Trace.log("fault: pages \(first)+\(count) placed after \((now - t) / 1000) us (urgent \(urgent))")
             metrics.recordFaultLatency(nanos: now - t, viaBulk: !urgent)
         }
         acks.withLock { $0.insert(try! PageRange(start: PageIndex(rawValue: first), count: count)) }
@@ -526,6 +527,7 @@ public final class DestinationEngine: @unchecked Sendable {
                     offset += Int(run.count << PageGeometry.shift)
                 }
                 bytesIn.add(UInt64(FrameHeader.size + h.length), ordering: .relaxed)
+                Trace.log("destination: bulk frame \(runs.rangeCount) runs placed")
                 header = nil
                 want = FrameHeader.size
                 have = 0
@@ -540,7 +542,9 @@ public final class DestinationEngine: @unchecked Sendable {
         func handle(_ message: PeerMessage) throws {
             switch message {
             case .zeroPages(let set):
+                let t0 = monotonicNanos()
                 _ = pages.markZero(set)
+                Trace.log("destination: \(set.count) zero pages marked in \((monotonicNanos() - t0) / 1000) us")
             case .done:
                 sourceDone = true
             case .abort(let a):

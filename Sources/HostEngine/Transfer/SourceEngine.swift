@@ -33,6 +33,12 @@ public struct SourceOptions: Sendable {
     public var releaseMemory: Bool
     /// Shared key: both engines prove they hold it (HMAC-SHA256 challenge-response) before any page moves.
     public var authKey: [UInt8]?
+    /// Push only the device class until `releaseBulk()` (the migration calls it at RESUME): during the
+    /// switchover the destination QEMU needs the CPU for loading device state, and a full-speed push on
+    /// a small host stretches the downtime. Faults are served throughout. Released automatically after
+    /// `bulkHoldMillis` in case RESUME never comes.
+    public var holdBulkUntilReleased: Bool = false
+    public var bulkHoldMillis: UInt64 = 2000
 
     public init(sessionID: UInt64, vmName: String, link: LinkSpec = .unshaped,
                 classes: [(PushClass, PageSet<PageIndex>)] = [], connectTimeoutMillis: Int32 = 10_000,
@@ -92,6 +98,10 @@ public final class SourceEngine: @unchecked Sendable {
     public let options: SourceOptions
     private let metrics = TransferMetrics()
     private let urgentError = Mutex<PeerError?>(nil)
+    private let bulkReleased = Atomic<Bool>(false)
+
+    /// Lets the bulk push go beyond the device class (see `holdBulkUntilReleased`).
+    public func releaseBulk() { bulkReleased.store(true, ordering: .releasing) }
     /// CPU seconds of the engine's own threads (not the process: a test or benchmark shares it).
     private let threadCPU = Mutex<Double>(0)
 
@@ -139,19 +149,23 @@ public final class SourceEngine: @unchecked Sendable {
 
     /// Connects to the destination and moves the whole region; returns when the destination holds
     /// every page and the source has released everything.
-    public func run(destination: Endpoint) throws(PeerError) -> SourceReport {
+    ///
+    /// `gate`, when given, is called once the channels are connected and authenticated and must return
+    /// when the RAM file is final (the source VM has stopped): a migration connects while the VM still
+    /// runs, so that at STOP the first pages — those the device-state load touches — leave at once.
+    public func run(destination: Endpoint, gate: (@Sendable () -> Void)? = nil) throws(PeerError) -> SourceReport {
         let start = monotonicNanos()
         let cpuStart = threadCPUSeconds()
-        let zero = holes()
         var state = ReleaseState(regionPages: regionPages)
-        state.released.formUnion(zero)
+        var zero = PageSet<PageIndex>()
+        var pendingGate = gate
         var reconnects = 0
         var presentAtResume: UInt64 = 0
         var pagesFree: UInt64 = 0
         var pushEnd: UInt64 = 0
         while true {
             do {
-                let outcome = try runSession(destination: destination, zero: zero, state: &state,
+                let outcome = try runSession(destination: destination, zero: &zero, gate: &pendingGate, state: &state,
                                              presentAtResume: &presentAtResume, pagesFree: &pagesFree)
                 pushEnd = outcome
                 break
@@ -255,7 +269,8 @@ public final class SourceEngine: @unchecked Sendable {
 
     /// One connected session; returns the time the push finished. Throws `.closed` if the
     /// destination went away (the caller may wait for it to come back).
-    private func runSession(destination: Endpoint, zero: PageSet<PageIndex>, state: inout ReleaseState,
+    private func runSession(destination: Endpoint, zero: inout PageSet<PageIndex>,
+                            gate: inout (@Sendable () -> Void)?, state: inout ReleaseState,
                             presentAtResume: inout UInt64, pagesFree: inout UInt64) throws(PeerError) -> UInt64 {
         let wait = options.reconnectTimeoutMillis > 0 ? UInt64(options.reconnectTimeoutMillis) * 1_000_000 : 0
         let (control, urgent, bulk) = try connectChannels(destination: destination, deadline: monotonicNanos() + wait)
@@ -270,6 +285,17 @@ public final class SourceEngine: @unchecked Sendable {
         case let other:
             throw .unexpected("expected resume on the control channel, got \(other.kind)")
         }
+        if let wait = gate {
+            wait()
+            gate = nil
+        }
+        let gateOpened = monotonicNanos()
+        if zero.isEmpty {
+            // The file is final now: its holes are pages that are zero and will stay so.
+            zero = holes()
+            state.released.formUnion(zero)
+        }
+        Trace.log("source: holes \(zero.count) pages in \(zero.rangeCount) ranges, scan \((monotonicNanos() - gateOpened) / 1000) us")
         presentAtResume = present.count
         state.released.formUnion(present)
         state.toPunch.formUnion(present)
@@ -370,6 +396,7 @@ public final class SourceEngine: @unchecked Sendable {
                 throw PeerError.unexpected("urgent channel: unexpected \(message.kind)")
             }
             metrics.faults.add(1, ordering: .relaxed)
+            Trace.log("source: request \(request.pages)")
             if let first = request.pages.first { hint.publish(page: first.rawValue) }
             var runs: [PageRange<PageIndex>] = []
             for range in request.pages.ranges {
@@ -442,6 +469,7 @@ public final class SourceEngine: @unchecked Sendable {
         var destinationDone = false
         var lastPunch = monotonicNanos()
         var lastTrace: UInt64 = 0
+        let holdStart = monotonicNanos()
 
         func handle(_ message: PeerMessage) throws {
             switch message {
@@ -471,11 +499,14 @@ public final class SourceEngine: @unchecked Sendable {
 
         while !(destinationDone && bulkQueue.isIdle && controlQueue.isIdle) {
             let now = monotonicNanos()
-            while !pushExhausted, bulkQueue.pending < 2 {
+            let holding = options.holdBulkUntilReleased && !bulkReleased.load(ordering: .acquiring)
+                && now - holdStart < options.bulkHoldMillis * 1_000_000
+            while !pushExhausted, bulkQueue.pending < 2, !holding || scheduler.inDeviceClass {
                 guard let chunk = scheduler.next() else {
                     pushExhausted = true
                     break
                 }
+                if chunk.pushClass == .device { Trace.log("source: device chunk \(chunk.runs.count) runs enqueued") }
                 for frame in frames(requestID: 0, runs: chunk.runs, pushClass: chunk.pushClass, mapping: mappingBase) {
                     bulkQueue.enqueue(frame, now: now)
                 }
@@ -514,6 +545,7 @@ public final class SourceEngine: @unchecked Sendable {
                             metrics.bulkPages.add(frame.pages, ordering: .relaxed)
                             metrics.bytesWire.add(UInt64(frame.totalBytes), ordering: .relaxed)
                             if let c = frame.pushClass { metrics.recordPushed(c, pages: frame.pages) }
+                            if frame.pushClass == .device { Trace.log("source: device frame sent") }
                         }
                     } catch let error as SyscallError where error.errno == EPIPE || error.errno == ECONNRESET {
                         throw PeerError.closed("bulk channel")
