@@ -126,22 +126,7 @@ public enum Migration {
 
     /// Migrates `source` to a new QEMU on this host; returns the result and the destination QEMU.
     public static func run(source: QEMUProcess, options: MigrationOptions) throws -> (MigrationResult, QEMUProcess) {
-        switch options.mode {
-        case .enlightened: return try enlightened(source: source, options: options)
-        case .postcopy, .precopy: return try qemuOwn(source: source, options: options)
-        }
-    }
-
-    static func destinationConfig(for source: QEMUProcess, tag: String) -> QEMUConfig {
-        var config = QEMUConfig(name: "\(source.config.name)-\(tag)", memoryMiB: source.config.memoryMiB,
-                                vcpus: source.config.vcpus, deadlineSeconds: source.config.deadlineSeconds)
-        config.kernel = source.config.kernel
-        config.initrd = source.config.initrd
-        config.append = source.config.append
-        config.accel = source.config.accel
-        config.incoming = true
-        unlink(config.ramFile)
-        return config
+        try local(source: source, options: options)
     }
 
     static func setCapabilities(_ qmp: QMPClient, _ capabilities: [String: Bool]) throws {
@@ -180,213 +165,53 @@ public enum Migration {
         return pages
     }
 
-    static func enlightened(source: QEMUProcess, options: MigrationOptions) throws -> (MigrationResult, QEMUProcess) {
-        let tag = "dst\(UInt32.random(in: 0...UInt32.max) % 100000)"
-        var config = destinationConfig(for: source, tag: tag)
-        let handoverPath = "/tmp/epcopy-\(config.name).handover"
-        let migrationSocket = "/tmp/epcopy-\(config.name).mig"
-        defer { unlink(migrationSocket) }
-        config.environment = ["LD_PRELOAD": options.preloadLibrary, "EPCOPY_SHIM_SOCKET": handoverPath,
-                              "EPCOPY_SHIM_PREFIX": config.ramFile]
+    /// Both sides on this host, over loopback.
+    static func local(source: QEMUProcess, options: MigrationOptions) throws -> (MigrationResult, QEMUProcess) {
         let session = UInt64.random(in: 1...UInt64.max)
-        let regionPages = UInt64(source.config.memoryMiB) << 8
-
-        // 1. The destination: shim hand-over first (QEMU blocks in mmap until the engine has its uffd).
-        let handoverListener: UffdHandoverListener
-        do { handoverListener = try UffdHandoverListener(path: handoverPath) } catch {
-            throw MigrationError.step("destination: hand-over socket", error)
-        }
-        let accepted = Mutex<Result<DestinationEngine, any Error>?>(nil)
-        let link = options.link
-        let verify = options.verify
-        let key = options.authKey
-        let acceptThread = JoinableThread(name: "epcopy-handover") {
-            let result = Result<DestinationEngine, any Error> {
-                let handover = try handoverListener.accept(timeout: .seconds(60))
-                let memory = try DestinationMemory(handover: handover)
-                return DestinationEngine(memory: memory, options: DestinationOptions(
-                    sessionID: session, link: link, recordDigests: verify, authKey: key))
-            }
-            accepted.withLock { $0 = result }
-        }
-        let destination: QEMUProcess
-        do { destination = try QEMUProcess.launch(config, connectTimeout: .seconds(60)) } catch {
-            acceptThread.join()
-            throw MigrationError.step("destination: start QEMU", error)
-        }
-        acceptThread.join()
-        let engine: DestinationEngine
-        do { engine = try accepted.withLock { $0! }.get() } catch {
-            throw MigrationError.step("destination: guest memory hand-over", error)
-        }
-        let listener: Listener
-        do { listener = try TCP.listen(on: Endpoint(host: "127.0.0.1", port: 0)) } catch {
-            throw MigrationError.step("destination: listen", error)
-        }
-        let endpoint = listener.endpoint
-        let listenerBox = ListenerHolder(listener)
-        let destinationResult = Mutex<Result<DestinationReport, PeerError>?>(nil)
-        let destinationThread = JoinableThread(name: "epcopy-dst") {
-            let r = Result<DestinationReport, PeerError> { () throws(PeerError) in try engine.run(listener: listenerBox.listener) }
-            destinationResult.withLock { $0 = r }
-        }
-
-        // 2. Device state only; the engines move RAM.
-        try setCapabilities(source.qmp, ["x-ignore-shared": true, "events": true])
-        try setCapabilities(destination.qmp, ["x-ignore-shared": true, "events": true])
+        let spec = VMSpec(source.config)
+        let destination = try DestinationSide(spec: spec, name: "\(spec.name)-dst\(UInt32.random(in: 0...99999))",
+                                              mode: options.mode, session: session, bindHost: "127.0.0.1",
+                                              options: options)
+        let sourceOutcome: SourceOutcome
         do {
-            _ = try destination.qmp.execute("migrate-incoming", arguments: ["uri": .string("unix:\(migrationSocket)")],
-                                            timeout: .seconds(10))
-        } catch { throw MigrationError.step("destination: migrate-incoming", error) }
-        let device = devicePages(source.qmp, regionPages: regionPages)
-        let counterBefore = lastCounter(source.serialLog)
-
-        // The source engine connects and authenticates while the VM still runs; it starts pushing at STOP.
-        let sourceEngine: SourceEngine
-        do {
-            var sourceOptions = SourceOptions(
-                sessionID: session, vmName: source.config.name, link: options.link, classes: [(.device, device)],
-                releaseMemory: !options.verify, authKey: options.authKey)
-            sourceOptions.holdBulkUntilReleased = true
-            sourceEngine = try SourceEngine(ramFile: source.config.ramFile, options: sourceOptions)
-        } catch { throw MigrationError.step("source engine", error) }
-        let stopped = DispatchSemaphore(value: 0)
-        let sourceResult = Mutex<Result<SourceReport, PeerError>?>(nil)
-        let sourceDone = Atomic<UInt64>(0)
-        let sourceThread = JoinableThread(name: "epcopy-src") {
-            let r = Result<SourceReport, PeerError> { () throws(PeerError) in
-                try sourceEngine.run(destination: endpoint, gate: { stopped.wait() })
-            }
-            sourceDone.store(monotonicNanos(), ordering: .releasing)
-            sourceResult.withLock { $0 = r }
-        }
-
-        // 3. Switch.
-        let start = monotonicNanos()
-        do {
-            _ = try source.qmp.execute("migrate", arguments: ["uri": .string("unix:\(migrationSocket)")],
-                                       timeout: .seconds(10))
+            sourceOutcome = try SourceSide.migrate(source: source, mode: options.mode, session: session,
+                                                   destinationURI: destination.migrationURI,
+                                                   engineEndpoint: destination.engineEndpoint, options: options)
         } catch {
-            stopped.signal()
-            throw MigrationError.step("source: migrate", error)
+            destination.abandon()
+            throw error
         }
-        let stop: QMPEvent
-        do { stop = try source.qmp.waitForEvent("STOP", timeout: .seconds(60), after: start) } catch {
-            stopped.signal()
-            throw MigrationError.step("source: waiting for STOP", error)
-        }
-        // Fenced from here on: the source QEMU is never continued; its RAM file is final.
-        source.keepRAMFile = true
-        stopped.signal()
-
-        // 4. Resume.
-        let resume: QMPEvent
-        do { resume = try destination.qmp.waitForEvent("RESUME", timeout: .seconds(120), after: start) } catch {
-            throw MigrationError.step("destination: waiting for RESUME", error)
-        }
-        let faultsBeforeResume = engine.metrics.faults.load(ordering: .relaxed)
-        sourceEngine.releaseBulk()
-        Trace.log("migration: STOP +\((stop.receivedNanos - start) / 1000) us, RESUME +\((resume.receivedNanos - start) / 1000) us, "
-                  + "faults before resume \(faultsBeforeResume); source events \(source.qmp.allEvents.map { "\($0.name)@\(($0.receivedNanos &- start) / 1000)" }); "
-                  + "destination events \(destination.qmp.allEvents.map { "\($0.name)\($0.data["status"]?.stringValue ?? "")@\(($0.receivedNanos &- start) / 1000)" })")
-
-        // 5. Transfer and release.
-        sourceThread.join()
-        destinationThread.join()
-        let sourceReport: SourceReport
-        let destinationReport: DestinationReport
-        do {
-            sourceReport = try sourceResult.withLock { $0! }.get()
-            destinationReport = try destinationResult.withLock { $0! }.get()
-        } catch { throw MigrationError.step("RAM transfer", error) }
-        _ = try? source.qmp.waitForEvent("MIGRATION", timeout: .seconds(30), after: start) {
-            $0.data["status"]?.stringValue == "completed"
-        }
-        var comparison = MemoryComparison(pagesCompared: 0, mismatchedPages: 0, firstMismatches: [])
-        if options.verify, let digests = engine.digests {
-            comparison = try compareWithSource(path: source.config.ramFile, digests: digests)
-        }
-        source.kill()
-        source.waitForExit(timeout: .seconds(10))
-        source.keepRAMFile = false
-        source.teardown()
-        let released = monotonicNanos()
-
-        let (verdict, counterAfter) = guestVerdict(destination, before: counterBefore, settle: options.settleSeconds)
-        let result = MigrationResult(
-            mode: .enlightened, downtimeMillis: Double(resume.receivedNanos &- stop.receivedNanos) / 1e6,
-            // With --verify the source keeps its pages until compared; release is when the engine was done.
-            tReleaseMillis: Double((options.verify ? sourceDone.load(ordering: .acquiring) : released) - start) / 1e6,
-            bytesWire: sourceReport.bytesWire + migrationBytes(source.qmp),
-            faults: destinationReport.metrics.faults, faultP50Micros: destinationReport.metrics.faultP50Micros,
-            faultP99Micros: destinationReport.metrics.faultP99Micros, faultsBeforeResume: faultsBeforeResume,
-            pagesCompared: comparison.pagesCompared, mismatchedPages: comparison.mismatchedPages,
-            verification: options.verify ? "digests" : "none", guestVerdict: verdict,
-            guestCounterBefore: counterBefore, guestCounterAfter: counterAfter)
-        return (result, destination)
+        let destinationOutcome = try destination.finish()
+        let result = combine(source: sourceOutcome, destination: destinationOutcome, destinationSide: destination,
+                             options: options)
+        return (result, destination.qemu)
     }
 
-    /// Every page the destination placed against the source file as it was at STOP.
-    static func compareWithSource(path: String, digests: PageDigests) throws -> MemoryComparison {
-        do {
-            let file = try FileDescriptor.open(path, O_RDONLY)
-            let mapping = try MemoryMapping(file: file, length: Int(digests.pageCount << PageGeometry.shift),
-                                            protection: PROT_READ)
-            return digests.compare(source: UnsafeRawPointer(mapping.pointer))
-        } catch { throw MigrationError.step("verify against the source", error) }
+    /// The result of one migration from what each side saw. Downtime uses the two QEMUs' own event
+    /// timestamps (each host's clock), so it holds when the sides run in different processes.
+    static func combine(source: SourceOutcome, destination: DestinationOutcome, destinationSide: DestinationSide,
+                        options: MigrationOptions) -> MigrationResult {
+        var comparison = MemoryComparison(pagesCompared: 0, mismatchedPages: 0, firstMismatches: [])
+        if let digests = destinationSide.engine?.digests, let sourceDigests = source.sourceDigests {
+            comparison = digests.compare(sourceDigests: sourceDigests)
+        }
+        let (verdict, counterAfter) = guestVerdict(destinationSide.qemu, before: source.counterBefore,
+                                                   settle: options.settleSeconds)
+        let report = destination.report
+        return MigrationResult(
+            mode: options.mode, downtimeMillis: (destination.resumeTimestamp - source.stopTimestamp) * 1000,
+            tReleaseMillis: source.tReleaseMillis, bytesWire: source.bytesWire,
+            faults: report?.metrics.faults ?? 0, faultP50Micros: report?.metrics.faultP50Micros ?? 0,
+            faultP99Micros: report?.metrics.faultP99Micros ?? 0, faultsBeforeResume: destination.faultsBeforeResume,
+            pagesCompared: comparison.pagesCompared, mismatchedPages: comparison.mismatchedPages,
+            verification: options.mode == .enlightened && options.verify ? "digests" : "guest",
+            guestVerdict: verdict, guestCounterBefore: source.counterBefore, guestCounterAfter: counterAfter)
     }
 
     /// Bytes QEMU's own migration stream carried (device state, or all of RAM in its own modes).
     static func migrationBytes(_ qmp: QMPClient) -> UInt64 {
         guard let info = try? qmp.execute("query-migrate", timeout: .seconds(5)) else { return 0 }
         return UInt64(info["ram"]?["transferred"]?.intValue ?? 0)
-    }
-
-    static func qemuOwn(source: QEMUProcess, options: MigrationOptions) throws -> (MigrationResult, QEMUProcess) {
-        let config = destinationConfig(for: source, tag: "dst\(UInt32.random(in: 0...UInt32.max) % 100000)")
-        let migrationSocket = "/tmp/epcopy-\(config.name).mig"
-        defer { unlink(migrationSocket) }
-        let destination: QEMUProcess
-        do { destination = try QEMUProcess.launch(config, connectTimeout: .seconds(60)) } catch {
-            throw MigrationError.step("destination: start QEMU", error)
-        }
-        let postcopy = options.mode == .postcopy
-        try setCapabilities(source.qmp, ["postcopy-ram": postcopy, "events": true])
-        try setCapabilities(destination.qmp, ["postcopy-ram": postcopy, "events": true])
-        do {
-            _ = try destination.qmp.execute("migrate-incoming", arguments: ["uri": .string("unix:\(migrationSocket)")],
-                                            timeout: .seconds(10))
-        } catch { throw MigrationError.step("destination: migrate-incoming", error) }
-        let counterBefore = lastCounter(source.serialLog)
-        let start = monotonicNanos()
-        do {
-            _ = try source.qmp.execute("migrate", arguments: ["uri": .string("unix:\(migrationSocket)")],
-                                       timeout: .seconds(10))
-            if postcopy { _ = try source.qmp.execute("migrate-start-postcopy", timeout: .seconds(10)) }
-        } catch { throw MigrationError.step("source: migrate", error) }
-        let stop: QMPEvent
-        let resume: QMPEvent
-        do {
-            stop = try source.qmp.waitForEvent("STOP", timeout: .seconds(300), after: start)
-            resume = try destination.qmp.waitForEvent("RESUME", timeout: .seconds(300), after: start)
-            _ = try source.qmp.waitForEvent("MIGRATION", timeout: .seconds(600), after: start) {
-                let status = $0.data["status"]?.stringValue
-                return status == "completed" || status == "failed"
-            }
-        } catch { throw MigrationError.step("waiting for the migration", error) }
-        let bytes = migrationBytes(source.qmp)
-        source.kill()
-        source.waitForExit(timeout: .seconds(10))
-        source.teardown()
-        let released = monotonicNanos()
-        let (verdict, counterAfter) = guestVerdict(destination, before: counterBefore, settle: options.settleSeconds)
-        let result = MigrationResult(
-            mode: options.mode, downtimeMillis: Double(resume.receivedNanos &- stop.receivedNanos) / 1e6,
-            tReleaseMillis: Double(released - start) / 1e6, bytesWire: bytes, faults: 0, faultP50Micros: 0,
-            faultP99Micros: 0, faultsBeforeResume: 0, pagesCompared: 0, mismatchedPages: 0,
-            verification: "guest", guestVerdict: verdict, guestCounterBefore: counterBefore,
-            guestCounterAfter: counterAfter)
-        return (result, destination)
     }
 
     public static func lastCounterForTests(_ log: String) -> Int? { lastCounter(log) }

@@ -5,6 +5,9 @@
 
 import CEpcopyLinux
 import EpcopyProtocol
+#if canImport(Glibc)
+import Glibc
+#endif
 
 public final class PageDigests: @unchecked Sendable {
     // SAFETY (@unchecked): slot p is written only by the thread that placed page p (a page is placed
@@ -49,6 +52,42 @@ public final class PageDigests: @unchecked Sendable {
     /// The digest of what was placed at `page`, or nil if nothing was placed there.
     public func placed(_ page: UInt64) -> UInt32? {
         recorded.contains(page) ? slots[Int(page)] : nil
+    }
+
+    /// Digests of every page of a RAM file (the source at STOP, before anything is released).
+    public static func ofFile(_ path: String) throws -> [UInt32] {
+        let file = try FileDescriptor.open(path, O_RDONLY)
+        var st = stat()
+        guard fstat(file.rawValue, &st) == 0 else { throw SyscallError(call: "fstat(\(path))", errno: errno) }
+        let pages = Int(st.st_size) >> PageGeometry.shift
+        let mapping = try MemoryMapping(file: file, length: pages << PageGeometry.shift, protection: PROT_READ)
+        return (0..<pages).map { digest(UnsafeRawPointer(mapping.pointer) + ($0 << PageGeometry.shift)) }
+    }
+
+    /// Compares with the source's page digests: a placed page must match, a page never placed must have
+    /// been zero at the source (a hole) or be in `free`.
+    public func compare(sourceDigests: [UInt32], free: PageSet<PageIndex> = PageSet()) -> MemoryComparison {
+        var result = MemoryComparison(pagesCompared: 0, mismatchedPages: 0, firstMismatches: [])
+        for page in 0..<min(pageCount, UInt64(sourceDigests.count)) {
+            let expected = sourceDigests[Int(page)]
+            let bad: Bool
+            if let placed = placed(page) {
+                bad = placed != expected
+            } else if free.contains(PageIndex(rawValue: page)) {
+                continue
+            } else {
+                bad = expected != Self.zeroPageDigest
+            }
+            result.pagesCompared += 1
+            if bad {
+                result.mismatchedPages += 1
+                if result.firstMismatches.count < 16 { result.firstMismatches.append(page) }
+            }
+        }
+        if UInt64(sourceDigests.count) != pageCount {
+            result.mismatchedPages += max(pageCount, UInt64(sourceDigests.count)) - min(pageCount, UInt64(sourceDigests.count))
+        }
+        return result
     }
 
     /// Compares against the source as it was at STOP (`source` maps the whole RAM file). Pages never

@@ -1,0 +1,292 @@
+// The two halves of a migration, so that they can run on different hosts (one `epcopy serve` each).
+// DestinationSide prepares a host to receive a VM and reports how the guest resumed; SourceSide moves
+// a running VM away. Migration.local wires them together on one host; the daemon wires them over
+// its control connection. See Migration.swift for the order of the steps and why.
+
+import CEpcopyLinux
+import EpcopyProtocol
+import Foundation
+import Synchronization
+
+/// What a destination needs to recreate the VM: the same machine, memory and boot image.
+public struct VMSpec: Codable, Sendable, Equatable {
+    public var name: String
+    public var memoryMiB: Int
+    public var vcpus: Int
+    public var kernel: String?
+    public var initrd: String?
+    public var append: String?
+    public var accel: String
+
+    public init(name: String, memoryMiB: Int, vcpus: Int = 1, kernel: String?, initrd: String?, append: String?,
+                accel: String = QEMUConfig.defaultAccel()) {
+        self.name = name
+        self.memoryMiB = memoryMiB
+        self.vcpus = vcpus
+        self.kernel = kernel
+        self.initrd = initrd
+        self.append = append
+        self.accel = accel
+    }
+
+    public init(_ config: QEMUConfig) {
+        self.init(name: config.name, memoryMiB: config.memoryMiB, vcpus: config.vcpus, kernel: config.kernel,
+                  initrd: config.initrd, append: config.append, accel: config.accel)
+    }
+
+    /// A QEMU configuration for this VM on this host under the name `name`.
+    public func config(name: String, deadlineSeconds: Double = 3600) -> QEMUConfig {
+        var config = QEMUConfig(name: name, memoryMiB: memoryMiB, vcpus: vcpus, accel: accel,
+                                deadlineSeconds: deadlineSeconds)
+        config.kernel = kernel
+        config.initrd = initrd
+        config.append = append
+        return config
+    }
+}
+
+/// What the destination saw.
+public struct DestinationOutcome: Sendable {
+    /// QMP timestamp of RESUME (seconds, the destination host's clock).
+    public var resumeTimestamp: Double
+    public var faultsBeforeResume: UInt64
+    public var report: DestinationReport?
+}
+
+/// What the source saw.
+public struct SourceOutcome: Sendable, Codable {
+    public var stopTimestamp: Double
+    public var tReleaseMillis: Double
+    public var bytesWire: UInt64
+    public var counterBefore: Int?
+    /// Page digests of the source RAM file at STOP (`verify`, enlightened mode).
+    public var sourceDigests: [UInt32]?
+}
+
+public final class DestinationSide: @unchecked Sendable {
+    // SAFETY (@unchecked): built on one thread, then `finish` runs once; the engine thread owns its state.
+    public let qemu: QEMUProcess
+    public let engine: DestinationEngine?
+    public let engineEndpoint: Endpoint?
+    public let migrationURI: String
+    public let mode: MigrationMode
+    private let engineThread: JoinableThread?
+    private let engineResult = ResultSlot<DestinationReport, PeerError>()
+    private let start = monotonicNanos()
+    /// RESUME and the fault count at that moment, recorded by a watcher thread as it happens.
+    private let resumed = ResultSlot<(Double, UInt64), MigrationError>()
+    private var resumeWatcher: JoinableThread?
+
+    /// Starts the destination QEMU (with the shim in enlightened mode), the engine, and migrate-incoming
+    /// on `bindHost` (the address the source reaches this host at).
+    public init(spec: VMSpec, name: String, mode: MigrationMode, session: UInt64, bindHost: String,
+                options: MigrationOptions) throws {
+        self.mode = mode
+        var config = spec.config(name: name)
+        config.incoming = true
+        unlink(config.ramFile)
+        let migrationPort = Self.freePort(host: bindHost)
+        migrationURI = "tcp:\(bindHost):\(migrationPort)"
+        var acceptThread: JoinableThread?
+        let accepted = Mutex<Result<DestinationEngine, any Error>?>(nil)
+        if mode == .enlightened {
+            // The shim hands the RAM mapping over while QEMU starts; accept before QEMU serves QMP.
+            let handoverPath = "/tmp/epcopy-\(name).handover"
+            config.environment = ["LD_PRELOAD": options.preloadLibrary, "EPCOPY_SHIM_SOCKET": handoverPath,
+                                  "EPCOPY_SHIM_PREFIX": config.ramFile]
+            let listener: UffdHandoverListener
+            do { listener = try UffdHandoverListener(path: handoverPath) } catch {
+                throw MigrationError.step("destination: hand-over socket", error)
+            }
+            let (link, verify, key) = (options.link, options.verify, options.authKey)
+            acceptThread = JoinableThread(name: "epcopy-handover") {
+                let result = Result<DestinationEngine, any Error> {
+                    let handover = try listener.accept(timeout: .seconds(60))
+                    let memory = try DestinationMemory(handover: handover)
+                    return DestinationEngine(memory: memory, options: DestinationOptions(
+                        sessionID: session, link: link, recordDigests: verify, authKey: key))
+                }
+                accepted.withLock { $0 = result }
+            }
+        }
+        do { qemu = try QEMUProcess.launch(config, connectTimeout: .seconds(60)) } catch {
+            acceptThread?.join()
+            throw MigrationError.step("destination: start QEMU", error)
+        }
+        if let acceptThread {
+            acceptThread.join()
+            let engine: DestinationEngine
+            do { engine = try accepted.withLock { $0! }.get() } catch {
+                qemu.teardown()
+                throw MigrationError.step("destination: guest memory hand-over", error)
+            }
+            let listener: Listener
+            do { listener = try TCP.listen(on: Endpoint(host: bindHost, port: 0)) } catch {
+                qemu.teardown()
+                throw MigrationError.step("destination: listen on \(bindHost)", error)
+            }
+            engineEndpoint = listener.endpoint
+            let box = ListenerHolder(listener)
+            let slot = engineResult
+            engineThread = JoinableThread(name: "epcopy-dst") {
+                let r = Result<DestinationReport, PeerError> { () throws(PeerError) in try engine.run(listener: box.listener) }
+                slot.set(r)
+            }
+            self.engine = engine
+        } else {
+            engine = nil
+            engineEndpoint = nil
+            engineThread = nil
+        }
+        let capabilities: [String: Bool] = mode == .enlightened
+            ? ["x-ignore-shared": true, "events": true] : ["postcopy-ram": mode == .postcopy, "events": true]
+        do {
+            try Migration.setCapabilities(qemu.qmp, capabilities)
+            _ = try qemu.qmp.execute("migrate-incoming", arguments: ["uri": .string(migrationURI)], timeout: .seconds(10))
+        } catch {
+            abandon()
+            throw MigrationError.step("destination: migrate-incoming", error)
+        }
+        let (qmp, slot, since, engine) = (qemu.qmp, resumed, start, self.engine)
+        resumeWatcher = JoinableThread(name: "epcopy-resume") {
+            do {
+                let event = try qmp.waitForEvent("RESUME", timeout: .seconds(600), after: since)
+                slot.set(.success((event.timestamp, engine?.metrics.faults.load(ordering: .relaxed) ?? 0)))
+            } catch {
+                slot.set(.failure(.step("destination: waiting for RESUME", error)))
+            }
+        }
+    }
+
+    /// Waits for RESUME and, in enlightened mode, for every page to arrive.
+    public func finish(timeout: Duration = .seconds(600)) throws -> DestinationOutcome {
+        resumeWatcher?.join()
+        let resumeTimestamp: Double
+        let faultsBeforeResume: UInt64
+        do { (resumeTimestamp, faultsBeforeResume) = try resumed.get() } catch {
+            abandon()
+            throw error
+        }
+        var report: DestinationReport?
+        if let engineThread {
+            engineThread.join()
+            do { report = try engineResult.get() } catch {
+                throw MigrationError.step("RAM transfer (destination)", error)
+            }
+        }
+        return DestinationOutcome(resumeTimestamp: resumeTimestamp, faultsBeforeResume: faultsBeforeResume,
+                                  report: report)
+    }
+
+    /// Tears the destination down after a failure before the switch: nothing ran here yet.
+    public func abandon() {
+        qemu.kill()
+        qemu.teardown()
+    }
+
+    static func freePort(host: String) -> UInt16 {
+        guard let listener = try? TCP.listen(on: Endpoint(host: host, port: 0)) else { return 0 }
+        return listener.endpoint.port
+    }
+}
+
+public enum SourceSide {
+    /// Moves `source` to a destination prepared by DestinationSide. Returns when the source host holds
+    /// none of the VM: the engine has released every page, the fenced QEMU is gone, its file removed.
+    public static func migrate(source: QEMUProcess, mode: MigrationMode, session: UInt64, destinationURI: String,
+                               engineEndpoint: Endpoint?, options: MigrationOptions) throws -> SourceOutcome {
+        let regionPages = UInt64(source.config.memoryMiB) << 8
+        let capabilities: [String: Bool] = mode == .enlightened
+            ? ["x-ignore-shared": true, "events": true] : ["postcopy-ram": mode == .postcopy, "events": true]
+        try Migration.setCapabilities(source.qmp, capabilities)
+        let counterBefore = Migration.lastCounter(source.serialLog)
+
+        var sourceEngine: SourceEngine?
+        var sourceThread: JoinableThread?
+        let sourceResult = Mutex<Result<SourceReport, PeerError>?>(nil)
+        let sourceDone = Atomic<UInt64>(0)
+        let stopped = DispatchSemaphore(value: 0)
+        if mode == .enlightened {
+            guard let engineEndpoint else { throw MigrationError.failed("enlightened mode needs the destination engine") }
+            // Connect and authenticate while the VM still runs; push from STOP, device pages first.
+            let device = Migration.devicePages(source.qmp, regionPages: regionPages)
+            var sourceOptions = SourceOptions(
+                sessionID: session, vmName: source.config.name, link: options.link, classes: [(.device, device)],
+                releaseMemory: !options.verify, authKey: options.authKey)
+            sourceOptions.holdBulkUntilReleased = true
+            let engine: SourceEngine
+            do { engine = try SourceEngine(ramFile: source.config.ramFile, options: sourceOptions) } catch {
+                throw MigrationError.step("source engine", error)
+            }
+            sourceEngine = engine
+            sourceThread = JoinableThread(name: "epcopy-src") {
+                let r = Result<SourceReport, PeerError> { () throws(PeerError) in
+                    try engine.run(destination: engineEndpoint, gate: { stopped.wait() })
+                }
+                sourceDone.store(monotonicNanos(), ordering: .releasing)
+                sourceResult.withLock { $0 = r }
+            }
+        }
+
+        let start = monotonicNanos()
+        let stop: QMPEvent
+        do {
+            _ = try source.qmp.execute("migrate", arguments: ["uri": .string(destinationURI)], timeout: .seconds(10))
+            if mode == .postcopy { _ = try source.qmp.execute("migrate-start-postcopy", timeout: .seconds(10)) }
+            stop = try source.qmp.waitForEvent("STOP", timeout: .seconds(600), after: start)
+        } catch {
+            stopped.signal()
+            // Before STOP nothing has moved: the source keeps running (cancel in case QEMU started).
+            _ = try? source.qmp.execute("migrate_cancel", timeout: .seconds(5))
+            sourceThread?.join()
+            throw MigrationError.step("source: migrate", error)
+        }
+        if mode == .enlightened {
+            // Fenced: the source QEMU never runs again; its RAM file is final.
+            source.keepRAMFile = true
+            stopped.signal()
+        }
+        var sourceDigests: [UInt32]?
+        var bytes: UInt64 = 0
+        if let sourceThread {
+            // The destination resumes; the engine releases the bulk push then. Wait for QEMU's stream.
+            _ = try? source.qmp.waitForEvent("MIGRATION", timeout: .seconds(60), after: start) {
+                $0.data["status"]?.stringValue == "completed"
+            }
+            sourceEngine?.releaseBulk()
+            sourceThread.join()
+            let report: SourceReport
+            do { report = try sourceResult.withLock { $0! }.get() } catch {
+                throw MigrationError.step("RAM transfer (source)", error)
+            }
+            if options.verify { sourceDigests = try? PageDigests.ofFile(source.config.ramFile) }
+            bytes = report.bytesWire + Migration.migrationBytes(source.qmp)
+        } else {
+            do {
+                let end = try source.qmp.waitForEvent("MIGRATION", timeout: .seconds(1800), after: start) {
+                    let status = $0.data["status"]?.stringValue
+                    return status == "completed" || status == "failed"
+                }
+                if end.data["status"]?.stringValue == "failed" { throw MigrationError.failed("QEMU reported failed") }
+            } catch { throw MigrationError.step("source: waiting for the migration", error) }
+            bytes = Migration.migrationBytes(source.qmp)
+        }
+        source.kill()
+        source.waitForExit(timeout: .seconds(10))
+        source.keepRAMFile = false
+        source.teardown()
+        let released = options.verify && mode == .enlightened ? sourceDone.load(ordering: .acquiring) : monotonicNanos()
+        return SourceOutcome(stopTimestamp: stop.timestamp, tReleaseMillis: Double(released - start) / 1e6,
+                             bytesWire: bytes, counterBefore: counterBefore, sourceDigests: sourceDigests)
+    }
+}
+
+/// A result handed from a thread to whoever joins it.
+final class ResultSlot<Value: Sendable, Failure: Error>: Sendable {
+    private let value = Mutex<Result<Value, Failure>?>(nil)
+    func set(_ result: Result<Value, Failure>) { value.withLock { $0 = result } }
+    func get() throws(Failure) -> Value {
+        guard let result = value.withLock({ $0 }) else { preconditionFailure("result read before it was set") }
+        return try result.get()
+    }
+}
