@@ -30,3 +30,9 @@ clean:
 guest:
 	@Workloads/guest/build.sh
 .PHONY: guest
+
+# The main job: two namespaced hosts, one daemon each, the test guest migrated once in each mode.
+demo: deps guest
+	$(SWIFT) build -c release
+	@scripts/demo
+.PHONY: demo

@@ -15,7 +15,7 @@ struct Epcopy: AsyncParsableCommand {
 
             Start with `epcopy probe` to see what this host supports.
             """,
-        subcommands: [Probe.self, Engine.self, Bench.self]
+        subcommands: [Probe.self, Serve.self, VM.self, Migrate.self, Engine.self, Bench.self]
     )
 }
 

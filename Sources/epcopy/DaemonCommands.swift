@@ -1,0 +1,190 @@
+// `epcopy serve`, `epcopy vm …` and `epcopy migrate`: the daemon and the commands that talk to it.
+
+import ArgumentParser
+import EpcopyHostEngine
+import Foundation
+
+/// Where the daemon is and the key that opens it.
+struct DaemonOptions: ParsableArguments {
+    @Option(help: "The epcopy daemon to talk to, IPv4-ADDRESS:PORT.") var daemon = "127.0.0.1:7470"
+    @Option(help: "The host's shared key file (or EPCOPY_KEY_FILE).") var keyFile: String?
+
+    func key() throws -> [UInt8] {
+        guard let path = keyFile ?? ProcessInfo.processInfo.environment["EPCOPY_KEY_FILE"] else {
+            throw ValidationError("give --key-file (or set EPCOPY_KEY_FILE): daemons only talk to key holders")
+        }
+        guard let data = FileManager.default.contents(atPath: path), data.count >= 16 else {
+            throw ValidationError("--key-file: \(path) is missing or shorter than 16 bytes")
+        }
+        return [UInt8](data)
+    }
+
+    func connect() throws -> ControlChannel {
+        let endpoint = try parseEndpoint(daemon, option: "--daemon")
+        let channel = try ControlChannel.connect(endpoint)
+        try channel.authenticateAsClient(key: try key())
+        return channel
+    }
+
+    func request(_ object: [String: Any], timeoutMillis: Int32 = 120_000) throws -> [String: Any] {
+        do {
+            let channel = try connect()
+            try channel.send(object)
+            return try channel.receive(timeoutMillis: timeoutMillis)
+        } catch let error as ControlError {
+            throw CLIError("\(error)")
+        }
+    }
+}
+
+struct Serve: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run this host's epcopy daemon: start VMs, and send or receive migrations.",
+        discussion: """
+            One daemon per host. Every peer and client must prove it holds the shared key (HMAC-SHA256 \
+            challenge-response); others are refused. VMs started through the daemon are bounded by \
+            --vm-deadline and killed when the daemon exits.
+            """
+    )
+
+    @Option(help: "Address to listen on, IPv4-ADDRESS:PORT (migrations to this host use the same address).")
+    var listen = "127.0.0.1:7470"
+    @Option(help: "The shared key file (at least 16 bytes).") var keyFile: String
+    @Option(help: "Seconds after which a VM started here is killed.") var vmDeadline: Double = 3600
+    @OptionGroup var link: LinkOptions
+
+    func run() throws {
+        let endpoint = try parseEndpoint(listen, option: "--listen")
+        guard let data = FileManager.default.contents(atPath: keyFile), data.count >= 16 else {
+            throw ValidationError("--key-file: \(keyFile) is missing or shorter than 16 bytes")
+        }
+        let preload = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().deletingLastPathComponent()
+            .appendingPathComponent("libEpcopyPreload.so").path
+        let daemon = Daemon(options: EpcopyHostEngine.DaemonOptions(
+            listen: endpoint, key: [UInt8](data), preloadLibrary: preload, vmDeadlineSeconds: vmDeadline,
+            link: try link.spec()))
+        let listener: Listener
+        do { listener = try TCP.listen(on: endpoint) } catch { throw CLIError("listen on \(endpoint): \(error)") }
+        // SIGTERM/SIGINT: stop accepting, kill our VMs, exit.
+        for sig in [SIGTERM, SIGINT] { signal(sig, SIG_IGN) }
+        let stop = StopFlag()
+        let sources = [SIGTERM, SIGINT].map { sig -> DispatchSourceSignal in
+            let source = DispatchSource.makeSignalSource(signal: sig)
+            source.setEventHandler { stop.set() }
+            source.resume()
+            return source
+        }
+        FileHandle.standardError.write(Data("epcopy serve: listening on \(listener.endpoint)\n".utf8))
+        daemon.serve(listener: listener, shouldStop: { stop.isSet })
+        withExtendedLifetime(sources) {}
+    }
+}
+
+final class StopFlag: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value = false
+    func set() { lock.withLock { value = true } }
+    var isSet: Bool { lock.withLock { value } }
+}
+
+struct VM: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "vm", abstract: "Start, list and stop VMs managed by an epcopy daemon.",
+        subcommands: [VMStart.self, VMList.self, VMStop.self, VMSerial.self])
+}
+
+struct VMStart: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "start", abstract: "Start a VM under a daemon (RAM in a shared /dev/shm file, agent port, QMP).")
+    @Argument(help: "VM name.") var name: String
+    @Option(help: "Guest memory in MiB.") var memory = 512
+    @Option(help: "Guest kernel (default: the test guest built by `make guest`).")
+    var kernel = "Workloads/guest/out/vmlinux"
+    @Option(help: "Guest initrd.") var initrd = "Workloads/guest/out/initrd.img"
+    @Option(help: "Kernel command line.") var append = "console=ttyS0 quiet epcopy.memtest_mib=128"
+    @OptionGroup var daemon: DaemonOptions
+
+    func run() throws {
+        let absolute = { (path: String) in URL(fileURLWithPath: path).standardizedFileURL.path }
+        let spec: [String: Any] = ["name": name, "memoryMiB": memory, "vcpus": 1, "kernel": absolute(kernel),
+                                   "initrd": absolute(initrd), "append": append, "accel": QEMUConfig.defaultAccel()]
+        let reply = try daemon.request(["op": "vm.start", "name": name, "spec": spec])
+        print("started \(name): pid \(reply["pid"] ?? "?"), RAM in \(reply["ram_file"] ?? "?")")
+    }
+}
+
+struct VMList: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "list", abstract: "List a daemon's VMs.")
+    @OptionGroup var daemon: DaemonOptions
+    func run() throws {
+        let reply = try daemon.request(["op": "vm.list"])
+        for vm in reply["vms"] as? [[String: Any]] ?? [] {
+            print("\(vm["name"] ?? "?")\tpid \(vm["pid"] ?? "?")\t\(vm["memory_mib"] ?? "?") MiB\t"
+                  + ((vm["running"] as? Bool) == true ? "running" : "stopped"))
+        }
+    }
+}
+
+struct VMStop: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "stop", abstract: "Stop a VM and free its memory.")
+    @Argument var name: String
+    @OptionGroup var daemon: DaemonOptions
+    func run() throws { _ = try daemon.request(["op": "vm.stop", "name": name]) }
+}
+
+struct VMSerial: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "serial", abstract: "Print the end of a VM's serial console.")
+    @Argument var name: String
+    @OptionGroup var daemon: DaemonOptions
+    func run() throws { print(try daemon.request(["op": "vm.serial", "name": name])["log"] as? String ?? "") }
+}
+
+struct Migrate: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Migrate a VM from its daemon to another host's daemon.",
+        discussion: """
+            enlightened: QEMU moves device state only (x-ignore-shared) and the guest runs on the destination \
+            at once; epcopy's engines move RAM (faults first). postcopy and precopy drive QEMU's own migration \
+            over the same hosts, as baselines. --verify compares every page the destination placed with the \
+            source's page at STOP (enlightened), and reads the guest's own verdict (all modes).
+            """
+    )
+    @Argument(help: "VM name.") var name: String
+    @Option(help: "Destination daemon, IPv4-ADDRESS:PORT.") var to: String
+    @Option(help: "enlightened, postcopy or precopy.") var mode = "enlightened"
+    @Flag(help: "Verify destination memory against the source at STOP.") var verify = false
+    @OptionGroup var daemon: DaemonOptions
+    @OptionGroup var output: OutputOptions
+
+    func validate() throws {
+        guard MigrationMode(rawValue: mode) != nil else { throw ValidationError("--mode: enlightened, postcopy or precopy") }
+        _ = try parseEndpoint(to, option: "--to")
+    }
+
+    func run() throws {
+        let reply = try daemon.request(["op": "migrate", "name": name, "to": to, "mode": mode, "verify": verify],
+                                       timeoutMillis: 3_600_000)
+        guard let result = reply["result"] as? [String: Any] else { throw CLIError("the daemon returned no result") }
+        if output.json {
+            let data = try JSONSerialization.data(withJSONObject: result, options: [.sortedKeys, .prettyPrinted])
+            print(String(decoding: data, as: UTF8.self))
+        } else {
+            print(MigrationTable.header)
+            print(MigrationTable.row(result))
+        }
+        if (result["mismatched_pages"] as? Int ?? 0) != 0 || (result["guest_verdict"] as? String) != "OK" {
+            throw ExitCode(1)
+        }
+    }
+}
+
+enum MigrationTable {
+    static let header = "mode         downtime_ms  t_release_ms  bytes_wire   faults  before_resume  compared  mismatched  guest"
+    static func row(_ r: [String: Any]) -> String {
+        func n(_ key: String) -> Double { (r[key] as? NSNumber)?.doubleValue ?? 0 }
+        return String(format: "%-12@ %11.1f  %12.1f  %10.0f  %7.0f  %13.0f  %8.0f  %10.0f  %@",
+                      (r["mode"] as? String ?? "?") as NSString, n("downtime_ms"), n("t_release_ms"), n("bytes_wire"),
+                      n("faults"), n("faults_before_resume"), n("pages_compared"), n("mismatched_pages"),
+                      (r["guest_verdict"] as? String ?? "?") as NSString)
+    }
+}
