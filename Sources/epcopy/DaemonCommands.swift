@@ -51,6 +51,8 @@ struct Serve: ParsableCommand {
     var listen = "127.0.0.1:7470"
     @Option(help: "The shared key file (at least 16 bytes).") var keyFile: String
     @Option(help: "Seconds after which a VM started here is killed.") var vmDeadline: Double = 3600
+    @Option(help: "Exit (killing this daemon's VMs) after this many seconds; default: run until SIGTERM.")
+    var maxLifetime: Double?
     @OptionGroup var link: LinkOptions
 
     func run() throws {
@@ -75,7 +77,8 @@ struct Serve: ParsableCommand {
             return source
         }
         FileHandle.standardError.write(Data("epcopy serve: listening on \(listener.endpoint)\n".utf8))
-        daemon.serve(listener: listener, shouldStop: { stop.isSet })
+        let deadline = maxLifetime.map { Date().addingTimeInterval($0) }
+        daemon.serve(listener: listener, shouldStop: { stop.isSet || deadline.map { Date() > $0 } ?? false })
         withExtendedLifetime(sources) {}
     }
 }

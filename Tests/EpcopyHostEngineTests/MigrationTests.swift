@@ -54,3 +54,50 @@ enum GuestFixture {
         #expect(!FileManager.default.fileExists(atPath: source.config.ramFile), "source RAM file left behind")
     }
 }
+
+extension MigrationTests {
+    /// RAM split around the PCI hole: q35 puts 2 GiB below 4 GiB and the rest above it.
+    @Test func aGuestLargerThan3GiBMigratesInEnlightenedMode() throws {
+        let source = try GuestFixture.bootedGuest("mig-big-\(getpid())", memoryMiB: 3584)
+        let (result, destination) = try Migration.run(source: source, options: MigrationOptions(
+            mode: .enlightened, verify: true, preloadLibrary: GuestFixture.preload))
+        defer { destination.teardown() }
+        print("migration of a 3.5 GiB guest: \(result)")
+        #expect(result.guestVerdict == "OK")
+        #expect(result.mismatchedPages == 0)
+        #expect(result.pagesCompared == 3584 * 256)
+    }
+
+    @Test func ramOffsetsFollowTheQ35Layout() {
+        let big: UInt64 = 3584 * 256
+        #expect(Migration.ramOffsetForTests(0x1000, big) == 0x1000)
+        #expect(Migration.ramOffsetForTests(0x8000_0000, big) == nil)  // PCI hole
+        #expect(Migration.ramOffsetForTests(1 << 32, big) == 0x8000_0000)
+        #expect(Migration.ramOffsetForTests((1 << 32) + 0x6000_0000 - 1, big) == 0x8000_0000 + 0x6000_0000 - 1)
+        #expect(Migration.ramOffsetForTests((1 << 32) + 0x6000_0000, big) == nil)
+        let small: UInt64 = 512 * 256
+        #expect(Migration.ramOffsetForTests(0x1FFF_F000, small) == 0x1FFF_F000)
+        #expect(Migration.ramOffsetForTests(0x2000_0000, small) == nil)
+    }
+
+    /// A destination that cannot start: the migration fails before the switch and the source keeps
+    /// running, untouched.
+    @Test func aDestinationThatCannotStartLeavesTheSourceRunning() throws {
+        let source = try GuestFixture.bootedGuest("mig-fail-\(getpid())")
+        defer { source.kill(); source.teardown() }
+        var spec = VMSpec(source.config)
+        spec.kernel = "/nonexistent/vmlinux"
+        for mode in MigrationMode.allCases {
+            #expect(throws: (any Error).self) {
+                _ = try DestinationSide(spec: spec, name: "mig-fail-dst-\(getpid())", mode: mode, session: 1,
+                                        bindHost: "127.0.0.1",
+                                        options: MigrationOptions(mode: mode, preloadLibrary: GuestFixture.preload))
+            }
+        }
+        let status = try source.qmp.execute("query-status", timeout: .seconds(5))
+        #expect(status["status"]?.stringValue == "running")
+        let before = Migration.lastCounterForTests(source.serialLog) ?? 0
+        sleep(2)
+        #expect((Migration.lastCounterForTests(source.serialLog) ?? 0) > before, "the source guest stopped counting")
+    }
+}

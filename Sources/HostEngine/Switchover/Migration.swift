@@ -154,15 +154,28 @@ public enum Migration {
                       let num = q["vring-num"]?.intValue, num > 0
                 else { continue }
                 for (key, size) in [("vring-desc", 16 * num), ("vring-avail", 6 + 2 * num), ("vring-used", 6 + 8 * num)] {
-                    guard let address = q[key]?.intValue, address > 0 else { continue }
-                    let first = UInt64(address) >> PageGeometry.shift
-                    let last = (UInt64(address) + UInt64(size) - 1) >> PageGeometry.shift
+                    guard let address = q[key]?.intValue, address > 0,
+                          let offset = ramOffset(guestPhysical: UInt64(address), regionPages: regionPages)
+                    else { continue }
+                    let first = offset >> PageGeometry.shift
+                    let last = (offset + UInt64(size) - 1) >> PageGeometry.shift
                     guard last < regionPages else { continue }
                     pages.insert(try! PageRange(start: PageIndex(rawValue: first), count: last - first + 1))
                 }
             }
         }
         return pages
+    }
+
+    /// Where a guest-physical address lives in the RAM file on q35: RAM below 4 GiB is at the same offset,
+    /// up to 2 GiB when the guest has 2.75 GiB or more (QEMU's pc_q35 lowmem rule), the rest is above
+    /// 4 GiB and follows in the file. Nil for addresses that are not RAM (the PCI hole).
+    static func ramOffset(guestPhysical gpa: UInt64, regionPages: UInt64) -> UInt64? {
+        let ramBytes = regionPages << PageGeometry.shift
+        let lowmem: UInt64 = ramBytes >= 0xB000_0000 ? 0x8000_0000 : ramBytes
+        if gpa < lowmem { return gpa }
+        if gpa >= 1 << 32, gpa - (1 << 32) < ramBytes - lowmem { return lowmem + (gpa - (1 << 32)) }
+        return nil
     }
 
     /// Both sides on this host, over loopback.
@@ -215,6 +228,9 @@ public enum Migration {
     }
 
     public static func lastCounterForTests(_ log: String) -> Int? { lastCounter(log) }
+    public static func ramOffsetForTests(_ gpa: UInt64, _ regionPages: UInt64) -> UInt64? {
+        ramOffset(guestPhysical: gpa, regionPages: regionPages)
+    }
 
     /// The memory tester's last iteration counter in a serial log.
     static func lastCounter(_ log: String) -> Int? {
@@ -240,6 +256,9 @@ public enum Migration {
             if before == nil, after != nil { return ("OK", after) }
             usleep(200_000)
         }
-        return (after == nil ? "NO OUTPUT" : "STALLED", after)
+        let status = (try? destination.qmp.execute("query-status", timeout: .seconds(5)))?["status"]?.stringValue ?? "?"
+        let tail = destination.serialLog.suffix(300).replacingOccurrences(of: "\r\n", with: " | ")
+        Trace.log("guest verdict: no progress; destination QEMU \(status), serial: \(tail)")
+        return (after == nil ? "NO OUTPUT (QEMU \(status))" : "STALLED (QEMU \(status))", after)
     }
 }
