@@ -165,9 +165,23 @@ struct Migrate: ParsableCommand {
     }
 
     func run() throws {
-        let reply = try daemon.request(["op": "migrate", "name": name, "to": to, "mode": mode, "verify": verify],
-                                       timeoutMillis: 3_600_000)
-        guard let result = reply["result"] as? [String: Any] else { throw CLIError("the daemon returned no result") }
+        let showProgress = !output.json && isatty(STDOUT_FILENO) != 0
+        let result: [String: Any]
+        do {
+            let channel = try daemon.connect()
+            try channel.send(["op": "migrate", "name": name, "to": to, "mode": mode, "verify": verify])
+            var reply = try channel.receive(timeoutMillis: 3_600_000)
+            while let progress = reply["progress"] as? [String: Any] {
+                if showProgress { ProgressBar.draw(progress, label: "\(name) → \(to) (\(mode))") }
+                reply = try channel.receive(timeoutMillis: 3_600_000)
+            }
+            if showProgress { print("") }
+            guard let r = reply["result"] as? [String: Any] else { throw CLIError("the daemon returned no result") }
+            result = r
+        } catch let error as ControlError {
+            if showProgress { print("") }
+            throw CLIError("\(error)")
+        }
         if output.json {
             let data = try JSONSerialization.data(withJSONObject: result, options: [.sortedKeys, .prettyPrinted])
             print(String(decoding: data, as: UTF8.self))
@@ -189,5 +203,20 @@ enum MigrationTable {
                       (r["mode"] as? String ?? "?") as NSString, n("downtime_ms"), n("t_release_ms"), n("bytes_wire"),
                       n("faults"), n("faults_before_resume"), n("pages_compared"), n("mismatched_pages"),
                       (r["guest_verdict"] as? String ?? "?") as NSString)
+    }
+}
+
+/// One line, redrawn in place: how much of the VM's memory has moved.
+enum ProgressBar {
+    static func draw(_ progress: [String: Any], label: String) {
+        let moved = (progress["bytes"] as? NSNumber)?.doubleValue ?? 0
+        let total = max((progress["total"] as? NSNumber)?.doubleValue ?? 1, 1)
+        let fraction = min(moved / total, 1)
+        let width = 30
+        let filled = Int(fraction * Double(width))
+        let bar = String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled)
+        let text = String(format: "\r%@ [%@] %3.0f%%  %.0f / %.0f MiB", label, bar, fraction * 100,
+                          moved / 1_048_576, total / 1_048_576)
+        FileHandle.standardOutput.write(Data(text.utf8))
     }
 }

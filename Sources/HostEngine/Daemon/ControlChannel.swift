@@ -26,6 +26,8 @@ public final class ControlChannel: @unchecked Sendable {
     // SAFETY (@unchecked): one channel is used by one thread at a time.
     public let descriptor: FileDescriptor
     private var buffer: [UInt8] = []
+    /// Sends may come from a progress thread and the request thread at once; lines must not interleave.
+    private let sendLock = NSLock()
     /// Largest line accepted (page digests of a 4 GiB guest, base64, fit with room to spare).
     public static let maxLine = 32 << 20
 
@@ -40,6 +42,8 @@ public final class ControlChannel: @unchecked Sendable {
     public func send(_ object: [String: Any]) throws {
         let data = try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]) + Data([0x0A])
         let fd = descriptor.rawValue
+        sendLock.lock()
+        defer { sendLock.unlock() }
         let result: Result<Void, SyscallError> = data.withUnsafeBytes { raw in
             Result { () throws(SyscallError) in try TCP.sendAll(fd, raw) }
         }

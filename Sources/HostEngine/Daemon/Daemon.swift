@@ -97,7 +97,7 @@ public final class Daemon: @unchecked Sendable {
             let name = try Self.name(request)
             guard let vm = vms.withLock({ $0[name] }) else { throw ControlError.remote("no VM \(name) here") }
             return ["log": String(vm.serialLog.suffix(8192))]
-        case "migrate": return try migrateOut(request)
+        case "migrate": return try migrateOut(request, channel: channel)
         case "incoming": return try incoming(request, channel: channel)
         case let op: throw ControlError.protocolViolation("unknown request \(op ?? "(none)")")
         }
@@ -150,7 +150,7 @@ public final class Daemon: @unchecked Sendable {
     }
 
     /// Source role: move VM `name` to the daemon at `to`.
-    private func migrateOut(_ request: [String: Any]) throws -> [String: Any] {
+    private func migrateOut(_ request: [String: Any], channel: ControlChannel) throws -> [String: Any] {
         let name = try Self.name(request)
         guard let toText = request["to"] as? String, let to = Endpoint(toText) else {
             throw ControlError.remote("to must be IPv4-ADDRESS:PORT")
@@ -180,8 +180,12 @@ public final class Daemon: @unchecked Sendable {
 
         let outcome: SourceOutcome
         do {
+            // Progress lines go to the client while the migration runs; the result line ends the request.
+            let client = channel
             outcome = try SourceSide.migrate(source: vm, mode: migration.mode, session: session, destinationURI: uri,
-                                             engineEndpoint: engine, options: migration)
+                                             engineEndpoint: engine, options: migration) { moved, total in
+                try? client.send(["progress": ["bytes": Int(moved), "total": Int(total)]])
+            }
         } catch {
             try? peer.send(["op": "abort"])
             if vm.isRunning, (try? vm.qmp.execute("query-status", timeout: .seconds(5)))?["status"]?.stringValue == "running" {

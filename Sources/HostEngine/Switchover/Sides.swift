@@ -193,8 +193,10 @@ public final class DestinationSide: @unchecked Sendable {
 public enum SourceSide {
     /// Moves `source` to a destination prepared by DestinationSide. Returns when the source host holds
     /// none of the VM: the engine has released every page, the fenced QEMU is gone, its file removed.
+    /// `progress` is called about every 250 ms from another thread with (bytes moved, bytes to move).
     public static func migrate(source: QEMUProcess, mode: MigrationMode, session: UInt64, destinationURI: String,
-                               engineEndpoint: Endpoint?, options: MigrationOptions) throws -> SourceOutcome {
+                               engineEndpoint: Endpoint?, options: MigrationOptions,
+                               progress: (@Sendable (UInt64, UInt64) -> Void)? = nil) throws -> SourceOutcome {
         let regionPages = UInt64(source.config.memoryMiB) << 8
         let capabilities: [String: Bool] = mode == .enlightened
             ? ["x-ignore-shared": true, "events": true] : ["postcopy-ram": mode == .postcopy, "events": true]
@@ -228,6 +230,24 @@ public enum SourceSide {
             }
         }
 
+        let finished = Atomic<Bool>(false)
+        let reporter = progress.map { report in
+            JoinableThread(name: "epcopy-progress") { [sourceEngine] in
+                while !finished.load(ordering: .acquiring) {
+                    if let engine = sourceEngine {
+                        report(engine.pagesSent << PageGeometry.shift, regionPages << PageGeometry.shift)
+                    } else if let info = try? source.qmp.execute("query-migrate", timeout: .seconds(2)),
+                              let total = info["ram"]?["total"]?.intValue {
+                        report(UInt64(info["ram"]?["transferred"]?.intValue ?? 0), UInt64(total))
+                    }
+                    usleep(250_000)
+                }
+            }
+        }
+        defer {
+            finished.store(true, ordering: .releasing)
+            reporter?.join()
+        }
         let start = monotonicNanos()
         let stop: QMPEvent
         do {

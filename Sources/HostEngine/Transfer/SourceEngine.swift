@@ -100,6 +100,11 @@ public final class SourceEngine: @unchecked Sendable {
     private let urgentError = Mutex<PeerError?>(nil)
     private let bulkReleased = Atomic<Bool>(false)
 
+    /// Pages sent so far (bulk and urgent), for progress displays.
+    public var pagesSent: UInt64 {
+        metrics.bulkPages.load(ordering: .relaxed) + metrics.urgentPages.load(ordering: .relaxed)
+    }
+
     /// Lets the bulk push go beyond the device class (see `holdBulkUntilReleased`).
     public func releaseBulk() { bulkReleased.store(true, ordering: .releasing) }
     /// CPU seconds of the engine's own threads (not the process: a test or benchmark shares it).
