@@ -175,6 +175,26 @@ static void port_try_open(void)
     closedir(d);
 }
 
+/*
+ * The serial console is written through the kernel log (/dev/kmsg), not the tty: printk drives the
+ * UART by polling, while tty output waits for the transmit interrupt. After a QEMU precopy migration
+ * that interrupt was sometimes lost, the tty stalled, and this program blocked in write() (the
+ * destination then showed no output at all). -1 until opened; falls back to stdout if unavailable.
+ */
+static int g_kmsg_fd = -2;
+
+static void kmsg_open(void)
+{
+    g_kmsg_fd = open("/dev/kmsg", O_WRONLY | O_CLOEXEC);
+    if (g_kmsg_fd < 0)
+        return;
+    /* Show notice-level messages on the console, and do not rate-limit our one line a second. */
+    int fd = open("/proc/sys/kernel/printk", O_WRONLY | O_CLOEXEC);
+    if (fd >= 0) { write_all(fd, "7", 1); close(fd); }
+    fd = open("/proc/sys/kernel/printk_devkmsg", O_WRONLY | O_CLOEXEC);
+    if (fd >= 0) { write_all(fd, "on\n", 3); close(fd); }
+}
+
 static void emit(const char *fmt, ...)
 {
     char line[256];
@@ -186,7 +206,16 @@ static void emit(const char *fmt, ...)
         return;
     if ((size_t)n >= sizeof line)
         n = sizeof line - 1;
-    write_all(STDOUT_FILENO, line, (size_t)n);
+    if (g_kmsg_fd == -2)
+        kmsg_open();
+    if (g_kmsg_fd >= 0) {
+        char record[272];
+        int m = snprintf(record, sizeof record, "<5>%.*s", n, line);
+        if (m > 0 && write(g_kmsg_fd, record, (size_t)m) < 0)
+            write_all(STDOUT_FILENO, line, (size_t)n);
+    } else {
+        write_all(STDOUT_FILENO, line, (size_t)n);
+    }
     if (g_port_fd < 0)
         port_try_open();
     if (g_port_fd >= 0) {

@@ -236,8 +236,10 @@ public enum Migration {
     static func lastCounter(_ log: String) -> Int? {
         var last: Int?
         // The serial console ends lines with "\r\n", a single Character in Swift: split on isNewline.
-        for line in log.split(whereSeparator: \.isNewline) where line.hasPrefix("epcopy-memtest iter=") {
-            let value = line.dropFirst("epcopy-memtest iter=".count).prefix { $0.isNumber }
+        // Lines come through the kernel log, so they carry a "[   12.345678] " timestamp prefix.
+        for line in log.split(whereSeparator: \.isNewline) {
+            guard let marker = line.range(of: "epcopy-memtest iter=") else { continue }
+            let value = line[marker.upperBound...].prefix { $0.isNumber }
             if let n = Int(value) { last = n }
         }
         return last
