@@ -26,8 +26,7 @@ struct BenchEngine: ParsableCommand {
     )
 
     @Option(help: "Region size, e.g. 256MiB, 1GiB.") var size = "1GiB"
-    @Option(help: "Link rate, e.g. 1gbit, 10gbit (default: unshaped).") var rate: String?
-    @Option(help: "Round-trip time to emulate, e.g. 2ms (default: 0).") var rtt: String?
+    @OptionGroup var link: LinkOptions
     @Option(help: "Microseconds between the toucher's page reads.") var touchInterval: UInt32 = 200
     @OptionGroup var output: OutputOptions
 
@@ -35,16 +34,7 @@ struct BenchEngine: ParsableCommand {
         guard let bytes = parseSize(size), bytes % 4096 == 0, bytes > 0 else {
             throw ValidationError("--size must be a positive multiple of 4 KiB, e.g. 256MiB or 1GiB")
         }
-        var link = LinkSpec()
-        if let rate {
-            guard let r = LinkSpec.parseRate(rate) else { throw ValidationError("--rate: expected e.g. 1gbit") }
-            link.bytesPerSecond = r
-        }
-        if let rtt {
-            guard let d = LinkSpec.parseDuration(rtt) else { throw ValidationError("--rtt: expected e.g. 2ms") }
-            link.delayNanos = d / 2
-        }
-        let result = try EngineBenchmark.run(sizeBytes: bytes, link: link, touchIntervalMicros: touchInterval)
+        let result = try EngineBenchmark.run(sizeBytes: bytes, link: try link.spec(), touchIntervalMicros: touchInterval)
         if output.json {
             print(try JSONOutput.string(result))
         } else {

@@ -90,27 +90,9 @@ public final class PageDigests: @unchecked Sendable {
         return result
     }
 
-    /// Compares against the source as it was at STOP (`source` maps the whole RAM file). Pages never
-    /// placed must be zero at the source (holes) or in `free` (the guest said so after resume).
+    /// Compares against the source as it was at STOP (`source` maps the whole RAM file).
     public func compare(source: UnsafeRawPointer, free: PageSet<PageIndex> = PageSet()) -> MemoryComparison {
-        var result = MemoryComparison(pagesCompared: 0, mismatchedPages: 0, firstMismatches: [])
-        for page in 0..<pageCount {
-            let expected = Self.digest(source + Int(page << PageGeometry.shift))
-            let bad: Bool
-            if let placed = placed(page) {
-                bad = placed != expected
-            } else if free.contains(PageIndex(rawValue: page)) {
-                continue
-            } else {
-                bad = expected != Self.zeroPageDigest
-                    || !MemoryCompare.isZeroPage(source + Int(page << PageGeometry.shift))
-            }
-            result.pagesCompared += 1
-            if bad {
-                result.mismatchedPages += 1
-                if result.firstMismatches.count < 16 { result.firstMismatches.append(page) }
-            }
-        }
-        return result
+        let sourceDigests = (0..<Int(pageCount)).map { Self.digest(source + ($0 << PageGeometry.shift)) }
+        return compare(sourceDigests: sourceDigests, free: free)
     }
 }
