@@ -9,11 +9,14 @@ struct Epcopy: AsyncParsableCommand {
         commandName: "epcopy",
         abstract: "Enlightened post-copy VM migration.",
         discussion: """
-            A VM on an overloaded host moves its execution to the destination at once; the guest tells \
-            epcopy which pages are free (never sent) and which are hot (sent first), and the source is \
-            released as soon as the guest's real state has moved.
+            A VM on an overloaded host moves its execution to the destination at once (device state only, \
+            through QEMU); its RAM follows through epcopy's engines, faults first, and the source host gets \
+            memory back page by page as the destination acknowledges it. Pages that are holes in the RAM \
+            file are never sent. (The in-guest agent that will report free and hot pages is not built yet.)
 
-            Start with `epcopy probe` to see what this host supports.
+            Start with `epcopy probe` to see what this host supports; `make demo` shows a migration \
+            between two namespaced hosts; `epcopy serve`, `epcopy vm start` and `epcopy migrate` are the \
+            operator's commands.
             """,
         subcommands: [Probe.self, Serve.self, VM.self, Migrate.self, Engine.self, Bench.self]
     )
