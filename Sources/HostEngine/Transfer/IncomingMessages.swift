@@ -44,6 +44,12 @@ public final class MessageStream {
             try arm(ring)
             return
         }
+        if completion.result == -ECONNRESET || completion.result == -EPIPE {
+            // A peer that died (killed engine, reset connection) is a closed channel, not a protocol error:
+            // the caller decides whether to wait for a replacement.
+            closed = true
+            return
+        }
         if completion.result < 0 {
             throw PeerError.syscall("recv on the \(channel) channel", SyscallError(call: "recv", errno: -completion.result))
         }

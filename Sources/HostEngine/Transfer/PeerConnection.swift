@@ -44,6 +44,17 @@ public enum PeerError: Error, CustomStringConvertible, Equatable {
     }
 }
 
+extension PeerError {
+    /// The peer went away (closed, reset, broken pipe) rather than saying something wrong.
+    public var isConnectionLoss: Bool {
+        switch self {
+        case .closed: return true
+        case .syscall(_, let error): return [ECONNRESET, EPIPE, ECONNABORTED].contains(error.errno)
+        default: return false
+        }
+    }
+}
+
 /// Hardware CRC32C when the CPU has it (8–10 GB/s against ~1 GB/s for the table version).
 public let fastChecksum: ChecksumFunction = makeFastChecksum()
 

@@ -175,7 +175,7 @@ public final class SourceEngine: @unchecked Sendable {
                 pushEnd = outcome
                 break
             } catch {
-                guard options.reconnectTimeoutMillis > 0, case .closed = error else { throw error }
+                guard options.reconnectTimeoutMillis > 0, error.isConnectionLoss else { throw error }
                 reconnects += 1
                 // The destination went away mid-transfer; its replacement tells us what it has.
                 continue
@@ -325,6 +325,8 @@ public final class SourceEngine: @unchecked Sendable {
                                shaper: shaper, mapping: UnsafeRawPointer(bitPattern: mappingAddress)!)
             } catch let error as PeerError {
                 urgentError.withLock { $0 = error }
+            } catch let error as SyscallError {
+                urgentError.withLock { $0 = .syscall("urgent channel", error) }
             } catch {
                 urgentError.withLock { $0 = .unexpected("urgent loop: \(error)") }
             }
