@@ -7,18 +7,6 @@ import CEpcopyLinux
 import EpcopyProtocol
 import Testing
 
-/// SplitMix64: small, seedable, good enough to make test data.
-private struct CRCTestGenerator: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
 
 private enum CRCBlocks {
     static let long = 8192
@@ -26,7 +14,7 @@ private enum CRCBlocks {
 }
 
 /// `count` random bytes preceded by up to 15 bytes of slack, so a slice can start at any alignment.
-private func randomBytes(_ count: Int, using rng: inout CRCTestGenerator) -> [UInt8] {
+private func randomBytes(_ count: Int, using rng: inout SplitMix64) -> [UInt8] {
     var bytes = [UInt8](repeating: 0, count: count + 16)
     bytes.withUnsafeMutableBytes { raw in
         var i = 0
@@ -43,7 +31,7 @@ private func randomBytes(_ count: Int, using rng: inout CRCTestGenerator) -> [UI
 }
 
 /// The lengths to check: all small ones, both sides of every block boundary, and random ones up to 100 000.
-private func testLengths(using rng: inout CRCTestGenerator) -> [Int] {
+private func testLengths(using rng: inout SplitMix64) -> [Int] {
     var lengths = Array(0...64)
     let boundaries = [
         CRCBlocks.short * 3, CRCBlocks.short * 6, CRCBlocks.long * 3, CRCBlocks.long * 6,
@@ -76,7 +64,7 @@ struct CRC32CHardwareTests {
     }
 
     @Test func matchesTheSwiftReferenceAtEveryLengthAndAlignment() {
-        var rng = CRCTestGenerator(seed: 0xC0FF_EE00_1234_5678)
+        var rng = SplitMix64(seed: 0xC0FF_EE00_1234_5678)
         for length in testLengths(using: &rng) {
             let bytes = randomBytes(length, using: &rng)
             let offset = Int.random(in: 0...15, using: &rng)
@@ -91,7 +79,7 @@ struct CRC32CHardwareTests {
     }
 
     @Test func matchesTheSerialVersion() {
-        var rng = CRCTestGenerator(seed: 0x5EED_0000_0000_0002)
+        var rng = SplitMix64(seed: 0x5EED_0000_0000_0002)
         for length in testLengths(using: &rng) {
             let bytes = randomBytes(length, using: &rng)
             for offset in [0, 1, 3, 7, 8, 13, 15] {
@@ -106,7 +94,7 @@ struct CRC32CHardwareTests {
     }
 
     @Test func chainsAtAnySplitPoint() {
-        var rng = CRCTestGenerator(seed: 0x5EED_0000_0000_0003)
+        var rng = SplitMix64(seed: 0x5EED_0000_0000_0003)
         for length in testLengths(using: &rng) {
             let bytes = randomBytes(length, using: &rng)
             let offset = Int.random(in: 0...15, using: &rng)
@@ -132,7 +120,7 @@ struct CRC32CHardwareTests {
     }
 
     @Test func manySmallPiecesEqualOneLongRun() {
-        var rng = CRCTestGenerator(seed: 0x5EED_0000_0000_0004)
+        var rng = SplitMix64(seed: 0x5EED_0000_0000_0004)
         let length = CRCBlocks.long * 7 + CRCBlocks.short * 5 + 3
         let bytes = randomBytes(length, using: &rng)
         bytes.withUnsafeBytes { all in

@@ -6,18 +6,6 @@ import Synchronization
 import Testing
 @testable import EpcopyHostEngine
 
-/// SplitMix64, so every randomised case reproduces from its seed.
-private struct SplitMix64: RandomNumberGenerator {
-    private var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
 
 private struct Run: Equatable, CustomStringConvertible {
     var start: UInt64
