@@ -27,8 +27,8 @@ probe: deps
 clean:
 	rm -rf .build
 
-guest:
-	@Workloads/guest/build.sh
+guest: agent
+	@EPCOPY_AGENT=$(CURDIR)/$(AGENT_BIN) Workloads/guest/build.sh
 .PHONY: guest
 
 # The main job: two namespaced hosts, one daemon each, the test guest migrated once in each mode.
@@ -36,3 +36,10 @@ demo: deps guest
 	$(SWIFT) build -c release
 	@scripts/demo
 .PHONY: demo
+
+# The in-guest agent as a static binary (glibc linked in, no Swift runtime needed in the guest). Its own build
+# directory, so the flag does not force the host build to relink.
+AGENT_BIN := .build/static/release/epcopy-agent
+agent: deps
+	$(SWIFT) build -c release --build-path .build/static --product epcopy-agent -Xswiftc -static-executable
+.PHONY: agent

@@ -8,6 +8,8 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "epcopy", targets: ["epcopy"]),
+        // Built with -static-executable into the guest image (make agent): only glibc, statically linked.
+        .executable(name: "epcopy-agent", targets: ["epcopy-agent"]),
         .library(name: "EpcopyPreload", type: .dynamic, targets: ["EpcopyPreload"]),
     ],
     dependencies: [
@@ -39,6 +41,7 @@ let package = Package(
                           path: "Sources/epcopy"),
         .target(name: "EpcopyPreload", dependencies: ["CEpcopyLinux"], path: "Sources/EpcopyPreload",
                 linkerSettings: [.linkedLibrary("dl")]),
+        .executableTarget(name: "epcopy-agent", dependencies: ["EpcopyGuestAgent"], path: "Sources/epcopy-agent"),
         .executableTarget(name: "epcopy-memtouch", path: "Sources/MemToucher"),
 
         .testTarget(name: "EpcopyProtocolTests", dependencies: ["EpcopyProtocol"],

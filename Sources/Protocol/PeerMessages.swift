@@ -352,6 +352,9 @@ public enum PeerMessage: Equatable, Sendable {
     case abort(PeerAbort)
     /// [13] Session resumed after reconnect.
     case resume(PeerResume)
+    /// [14] Destination → source: the guest's post-resume free scan is in (its pages went out as `freePages`
+    /// before this), or there will be none (`agentAnswered` false). Believed-free pages are pushed after it.
+    case freeScanDone(agentAnswered: Bool, pagesReported: UInt64)
 
     /// The wire type codes of peer messages. Stable: never renumber.
     public enum Kind: UInt8, Sendable, CaseIterable, CustomStringConvertible {
@@ -368,6 +371,7 @@ public enum PeerMessage: Equatable, Sendable {
         case done = 11
         case abort = 12
         case resume = 13
+        case freeScanDone = 14
 
         public var description: String {
             switch self {
@@ -384,6 +388,7 @@ public enum PeerMessage: Equatable, Sendable {
             case .done: return "done"
             case .abort: return "abort"
             case .resume: return "resume"
+            case .freeScanDone: return "freeScanDone"
             }
         }
 
@@ -407,6 +412,7 @@ public enum PeerMessage: Equatable, Sendable {
         case .done: return .done
         case .abort: return .abort
         case .resume: return .resume
+        case .freeScanDone: return .freeScanDone
         }
     }
 
@@ -450,6 +456,9 @@ public enum PeerMessage: Equatable, Sendable {
         case .resume(let resume):
             writer.writeU64(resume.sessionID)
             PageSetCodec.encode(resume.present, into: &writer)
+        case .freeScanDone(let answered, let pages):
+            writer.writeU8(answered ? 1 : 0)
+            writer.writeU64(pages)
         }
         return writer.bytes
     }
@@ -542,6 +551,14 @@ public enum PeerMessage: Equatable, Sendable {
             let sessionID = try reader.u64("sessionID")
             let present = try reader.pageSet("present", PageIndex.self, pageLimit: pageLimit, maxRanges: maxRanges)
             message = .resume(PeerResume(sessionID: sessionID, present: present))
+        case .freeScanDone:
+            let answered = try reader.u8("agentAnswered")
+            guard answered <= 1 else { throw reader.invalid("agentAnswered", "\(answered) is not 0 or 1") }
+            let pages = try reader.u64("pagesReported")
+            guard pages <= context.regionPages else {
+                throw reader.invalid("pagesReported", "\(pages) above the region's \(context.regionPages) pages")
+            }
+            message = .freeScanDone(agentAnswered: answered == 1, pagesReported: pages)
         }
         try reader.finish()
         return message

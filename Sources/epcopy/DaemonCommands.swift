@@ -150,17 +150,26 @@ struct Migrate: ParsableCommand {
             at once; epcopy's engines move RAM (faults first). postcopy and precopy drive QEMU's own migration \
             over the same hosts, as baselines. --verify compares every page the destination placed with the \
             source's page at STOP (enlightened), and reads the guest's own verdict (all modes).
+
+            Enlightened mode asks the guest agent (epcopy-agent, on the org.epcopy.agent.0 port) for a hot report \
+            before the switch — kernel pages, recently used, other in-use, believed free — and pushes in that \
+            order; right after RESUME the destination agent reports free pages, which are then never sent. \
+            Without an agent answering within --agent-timeout-ms the migration is plain external post-copy with \
+            neighbour prefetch, and the output says so (enlightened: false).
             """
     )
     @Argument(help: "VM name.") var name: String
     @Option(help: "Destination daemon, IPv4-ADDRESS:PORT.") var to: String
     @Option(help: "enlightened, postcopy or precopy.") var mode = "enlightened"
     @Flag(help: "Verify destination memory against the source at STOP.") var verify = false
+    @Flag(help: "Do not ask the guest agent (plain external post-copy).") var noAgent = false
+    @Option(help: "How long to wait for each guest agent report, in ms.") var agentTimeoutMs = 3000
     @OptionGroup var daemon: DaemonOptions
     @OptionGroup var output: OutputOptions
 
     func validate() throws {
         guard MigrationMode(rawValue: mode) != nil else { throw ValidationError("--mode: enlightened, postcopy or precopy") }
+        guard (1...60_000).contains(agentTimeoutMs) else { throw ValidationError("--agent-timeout-ms: 1...60000") }
         _ = try parseEndpoint(to, option: "--to")
     }
 
@@ -169,7 +178,8 @@ struct Migrate: ParsableCommand {
         let result: [String: Any]
         do {
             let channel = try daemon.connect()
-            try channel.send(["op": "migrate", "name": name, "to": to, "mode": mode, "verify": verify])
+            try channel.send(["op": "migrate", "name": name, "to": to, "mode": mode, "verify": verify,
+                              "agent": !noAgent, "agent_timeout_ms": agentTimeoutMs])
             var reply = try channel.receive(timeoutMillis: 3_600_000)
             while let progress = reply["progress"] as? [String: Any] {
                 if showProgress { ProgressBar.draw(progress, label: "\(name) → \(to) (\(mode))") }
@@ -188,6 +198,7 @@ struct Migrate: ParsableCommand {
         } else {
             print(MigrationTable.header)
             print(MigrationTable.row(result))
+            if let line = MigrationTable.agentLine(result) { print(line) }
         }
         if (result["mismatched_pages"] as? Int ?? 0) != 0 || (result["guest_verdict"] as? String) != "OK" {
             throw ExitCode(1)
@@ -203,6 +214,30 @@ enum MigrationTable {
                       (r["mode"] as? String ?? "?") as NSString, n("downtime_ms"), n("t_release_ms"), n("bytes_wire"),
                       n("faults"), n("faults_before_resume"), n("pages_compared"), n("mismatched_pages"),
                       (r["guest_verdict"] as? String ?? "?") as NSString)
+    }
+}
+
+extension MigrationTable {
+    /// What the guest agent contributed, in words (enlightened mode only).
+    static func agentLine(_ r: [String: Any]) -> String? {
+        guard let enlightened = r["enlightened"] as? Bool else { return nil }
+        let notes = (r["agent_notes"] as? [String] ?? []).joined(separator: "; ")
+        guard enlightened else {
+            return "no guest agent answered: plain external post-copy with neighbour prefetch"
+                + (notes.isEmpty ? "" : " (\(notes))")
+        }
+        var parts: [String] = []
+        if let ms = r["agent_report_ms"] as? NSNumber { parts.append(String(format: "hot report %.1f ms", ms.doubleValue)) }
+        if let classes = r["pages_by_class"] as? [String: Any] {
+            let order = ["device", "kernel", "recent", "in_use", "believed_free", "unclassified"]
+            parts.append("pushed " + order.compactMap { k in (classes[k] as? NSNumber).map { "\(k) \($0)" } }.joined(separator: ", "))
+        }
+        if let free = r["pages_reported_free"] as? NSNumber, let ms = r["free_scan_ms"] as? NSNumber {
+            parts.append(String(format: "free scan %.1f ms: %d pages free", ms.doubleValue, free.intValue))
+        }
+        if let skipped = r["pages_skipped_free"] as? NSNumber { parts.append("\(skipped) never sent") }
+        if !notes.isEmpty { parts.append("notes: \(notes)") }
+        return "guest agent: " + parts.joined(separator: "; ")
     }
 }
 

@@ -40,7 +40,7 @@ enum QEMUTestSupport {
     /// Nothing of this QEMU is left: no process, no RAM file, no socket, no pidfile, no log.
     static func expectNothingLeft(pid: Int32, _ config: QEMUConfig, sourceLocation: SourceLocation = #_sourceLocation) {
         #expect(!isAlive(pid, config), "QEMU \(pid) still runs", sourceLocation: sourceLocation)
-        for path in [config.ramFile, config.qmpSocket, config.agentSocket, config.pidFile, config.serialLog] {
+        for path in [config.ramFile, config.qmpSocket, config.agentSocket, config.pidFile, config.serialLog, config.portLog] {
             #expect(!exists(path), "\(path) was left behind", sourceLocation: sourceLocation)
         }
     }
@@ -60,9 +60,11 @@ enum QEMUTestSupport {
             "-object", "memory-backend-file,id=mem0,size=256M,mem-path=/dev/shm/epcopy-shape.ram,share=on",
             "-kernel", "/k/bzImage", "-initrd", "/k/initrd", "-append", "console=ttyS0 quiet",
             "-serial", "file:/tmp/epcopy-shape.serial.log",
-            "-device", "virtio-serial-pci,max_ports=2",
+            "-device", "virtio-serial-pci,max_ports=3",
             "-chardev", "socket,id=ch0,path=/tmp/epcopy-shape.agent,server=on,wait=off",
             "-device", "virtserialport,chardev=ch0,name=org.epcopy.agent.0",
+            "-chardev", "file,id=ch1,path=/tmp/epcopy-shape.port.log",
+            "-device", "virtserialport,chardev=ch1,name=org.epcopy.log.0",
             "-qmp", "unix:/tmp/epcopy-shape.qmp,server=on,wait=off",
             "-pidfile", "/tmp/epcopy-shape.pid",
             "-incoming", "defer", "-S",
@@ -87,7 +89,7 @@ enum QEMUTestSupport {
             #expect(stderr.contains("'epcopy-no-such-device' is not a valid device model name"), "\(stderr)")
             #expect(error.description.hasPrefix("QEMU launch: QEMU exited with status 1: qemu-system-x86_64: -device"))
         }
-        for path in [config.ramFile, config.qmpSocket, config.agentSocket, config.pidFile, config.serialLog] {
+        for path in [config.ramFile, config.qmpSocket, config.agentSocket, config.pidFile, config.serialLog, config.portLog] {
             #expect(!QEMUTestSupport.exists(path), "\(path) was left behind")
         }
     }

@@ -36,7 +36,7 @@ private let name = "peer message "
         let codes = PeerMessage.Kind.allCases.map { "\($0)=\($0.rawValue)" }
         #expect(codes == ["hello=1", "authChallenge=2", "authResponse=3", "welcome=4", "pageRequest=5",
                           "pageData=6", "zeroPages=7", "freePages=8", "ack=9", "progress=10", "done=11",
-                          "abort=12", "resume=13"])
+                          "abort=12", "resume=13", "freeScanDone=14"])
     }
 
     @Test func unknownTypesAndTrailingBytes() {

@@ -42,6 +42,8 @@ func samplePeerMessages(pageDataPages: UInt64 = 3) throws -> [PeerMessage] {
         .abort(PeerAbort(code: 3, reason: "destination disk full: ünïcødé ✓")),
         .resume(PeerResume(sessionID: 0xDEAD_BEEF_0000_0001, present: pageSet([(0, 500), (600, 10)]))),
         .resume(PeerResume(sessionID: 9, present: PageSet())),
+        .freeScanDone(agentAnswered: true, pagesReported: 12_345),
+        .freeScanDone(agentAnswered: false, pagesReported: 0),
     ]
 }
 

@@ -21,6 +21,32 @@ done </lib/modules/load-order
 
 cmdline=$(cat /proc/cmdline)
 echo "epcopy-init: up after $(cut -d' ' -f1 /proc/uptime)s"
+
+# epcopy.agent_once=1: one page census before anything else runs, as one console
+# line, so a host can read what the agent costs in a real guest.
+case " $cmdline " in
+*" epcopy.agent_once=1 "*)
+    once=$(/bin/epcopy-agent --once --json 2>&1 | tr '\n' ' ')
+    echo "epcopy-agent-once: ${once% }"
+    ;;
+esac
+
+# The agent serves the host on the virtio-serial port org.epcopy.agent.0 (it
+# waits for the port if it is not there yet). epcopy.agent=0 leaves it out.
+# Its stdout/stderr reach the console through the kernel log, like memtest's
+# lines: a tty write can stall after a migration (see memtest.c), and the agent
+# must never block on a log line. Level 5 is shown once the console level is 7.
+case " $cmdline " in
+*" epcopy.agent=0 "*) echo "epcopy-init: agent disabled (epcopy.agent=0)" ;;
+*)
+    echo 7 >/proc/sys/kernel/printk
+    echo on >/proc/sys/kernel/printk_devkmsg
+    /bin/epcopy-agent 2>&1 | while IFS= read -r line; do
+        echo "<5>$line" 2>/dev/null >/dev/kmsg || echo "$line"
+    done &
+    ;;
+esac
+
 /bin/epcopy-memtest &
 memtest=$!
 

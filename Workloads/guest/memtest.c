@@ -4,16 +4,20 @@
  * Allocates an anonymous region, fills every 8-byte word with a value derived
  * from (seed, global word index, generation of the word's page), then loops:
  * each iteration rewrites ~dirty_pct% of the pages with a bumped generation
- * and verifies every page against the pattern of its current generation, then
- * prints exactly one line:
+ * (and, with churn on, frees ~churn_pct% of the pages back to the kernel and
+ * rewrites them into fresh pages) and verifies every page against the pattern
+ * of its current generation, then prints exactly one line:
  *
  *   epcopy-memtest iter=N pages=P OK
+ *   epcopy-memtest iter=N pages=P churn=C OK        (churn on: C pages so far)
  *   epcopy-memtest iter=N CORRUPT page=X word=Y
  *
- * to stdout (the serial console when started by /init) and to the
- * virtio-serial port named org.epcopy.agent.0 when present. All state (the
- * region, the generation table, the PRNG, the iteration counter) lives in
- * guest memory, so it carries across a live migration and N keeps growing.
+ * to the serial console (through /dev/kmsg, else stdout) and to the
+ * virtio-serial port named org.epcopy.log.0 when present. (The port
+ * org.epcopy.agent.0 belongs to epcopy-agent, which speaks binary frames on
+ * it; these text lines have a port of their own.) All state (the region, the
+ * generation table, the PRNG, the iteration counter) lives in guest memory, so
+ * it carries across a live migration and N keeps growing.
  *
  * Knobs (kernel command line, overridable by argv for host-side runs:
  * epcopy-memtest [MiB [seed]]):
@@ -23,6 +27,14 @@
  *   epcopy.memtest_period_ms=T  iteration period (default 1000)
  *   epcopy.memtest_inject_iter=K  flip one bit just before iteration K's
  *                               verification (self-test of the detector; 0=off)
+ *   epcopy.memtest_churn_pct=C  % of pages freed (madvise MADV_DONTNEED: the
+ *                               page goes back to the guest kernel's free
+ *                               lists) and at once rewritten with their next
+ *                               generation (a freshly allocated page) per
+ *                               iteration (default 0 = off)
+ *   epcopy.dirty_free_mib=N     at start, before the region is filled: map N
+ *                               MiB, write non-zero data to every page, unmap
+ *                               it, leaving N MiB free but dirty (default 0)
  *
  * Build: gcc -static -O2 -o epcopy-memtest memtest.c
  */
@@ -43,7 +55,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define AGENT_PORT_NAME "org.epcopy.agent.0"
+#define LOG_PORT_NAME "org.epcopy.log.0"
 #define WORD_STEP 0x9E3779B97F4A7C15ULL
 
 static uint64_t g_seed = 1;
@@ -52,7 +64,7 @@ static size_t g_npages;
 static uint64_t *g_mem;      /* the tested region */
 static uint32_t *g_gen;      /* generation of each page */
 static uint64_t g_rng;       /* xorshift64* state, seeded from g_seed */
-static int g_port_fd = -1;   /* virtio-serial agent port, or -1 */
+static int g_port_fd = -1;   /* virtio-serial log port, or -1 */
 static char g_port_path[300];
 
 static uint64_t splitmix64(uint64_t x)
@@ -126,7 +138,7 @@ static void write_all(int fd, const char *buf, size_t len)
     }
 }
 
-/* ---- virtio-serial agent port ------------------------------------------- */
+/* ---- virtio-serial log port --------------------------------------------- */
 
 static int read_small_file(const char *path, char *buf, size_t cap)
 {
@@ -156,7 +168,7 @@ static void port_try_open(void)
             continue;
         char path[512], buf[128];
         snprintf(path, sizeof path, "/sys/class/virtio-ports/%s/name", e->d_name);
-        if (read_small_file(path, buf, sizeof buf) < 0 || strcmp(buf, AGENT_PORT_NAME) != 0)
+        if (read_small_file(path, buf, sizeof buf) < 0 || strcmp(buf, LOG_PORT_NAME) != 0)
             continue;
         snprintf(g_port_path, sizeof g_port_path, "/dev/%s", e->d_name);
         struct stat st;
@@ -246,6 +258,26 @@ static int cmdline_u64(const char *cmdline, const char *key, uint64_t *out)
     return 0;
 }
 
+/* Map `mib` MiB, write non-zero pseudo-random words to all of it, unmap it: the
+ * pages go back to the kernel's free lists still holding that data, as after a
+ * burst of use. Returns 0, or -1 if the mapping failed. */
+static int dirty_free(uint64_t mib)
+{
+    size_t len = (size_t)(mib * 1024 * 1024);
+    uint64_t *m = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED)
+        return -1;
+    uint64_t x = splitmix64(g_seed ^ 0x6469727479ULL) | 1; /* "dirty" */
+    for (size_t i = 0; i < len / sizeof *m; i++) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        m[i] = x; /* xorshift64 never yields 0 */
+    }
+    munmap(m, len);
+    return 0;
+}
+
 static uint64_t memtotal_kib(void)
 {
     FILE *f = fopen("/proc/meminfo", "r");
@@ -263,7 +295,7 @@ static uint64_t memtotal_kib(void)
 int main(int argc, char **argv)
 {
     char cmdline[4096] = "";
-    uint64_t mib = 0, dirty_pct = 1, period_ms = 1000, inject_iter = 0, v;
+    uint64_t mib = 0, dirty_pct = 1, period_ms = 1000, inject_iter = 0, churn_pct = 0, dirty_free_mib = 0, v;
 
     signal(SIGPIPE, SIG_IGN);
     signal(SIGHUP, SIG_IGN);
@@ -279,6 +311,10 @@ int main(int argc, char **argv)
         period_ms = v;
     if (cmdline_u64(cmdline, "epcopy.memtest_inject_iter", &v))
         inject_iter = v;
+    if (cmdline_u64(cmdline, "epcopy.memtest_churn_pct", &v))
+        churn_pct = v;
+    if (cmdline_u64(cmdline, "epcopy.dirty_free_mib", &v))
+        dirty_free_mib = v;
     if (argc > 1)
         mib = strtoull(argv[1], NULL, 0);
     if (argc > 2)
@@ -289,6 +325,18 @@ int main(int argc, char **argv)
     }
     if (dirty_pct > 100)
         dirty_pct = 100;
+    if (churn_pct > 100)
+        churn_pct = 100;
+
+    if (dirty_free_mib > 0) {
+        int64_t t0 = now_ns();
+        if (dirty_free(dirty_free_mib) == 0)
+            emit("epcopy-memtest dirty_free mib=%" PRIu64 ": wrote non-zero data to every page and unmapped it "
+                 "(%" PRIu64 " MiB free but dirty) in %" PRId64 " ms\n",
+                 dirty_free_mib, dirty_free_mib, (now_ns() - t0) / 1000000);
+        else
+            emit("epcopy-memtest dirty_free mib=%" PRIu64 " FAILED mmap: %s\n", dirty_free_mib, strerror(errno));
+    }
 
     long pagesz = sysconf(_SC_PAGESIZE);
     if (pagesz <= 0)
@@ -315,8 +363,16 @@ int main(int argc, char **argv)
     size_t per_iter = (size_t)((uint64_t)g_npages * dirty_pct / 100);
     if (per_iter == 0 && dirty_pct > 0)
         per_iter = 1;
-    emit("epcopy-memtest start mib=%" PRIu64 " seed=%" PRIu64 " pages=%zu dirty_per_iter=%zu period_ms=%" PRIu64 "\n",
-         mib, g_seed, g_npages, per_iter, period_ms);
+    size_t churn_per_iter = (size_t)((uint64_t)g_npages * churn_pct / 100);
+    if (churn_per_iter == 0 && churn_pct > 0)
+        churn_per_iter = 1;
+    uint64_t churned = 0;
+    if (churn_per_iter > 0)
+        emit("epcopy-memtest start mib=%" PRIu64 " seed=%" PRIu64 " pages=%zu dirty_per_iter=%zu churn_per_iter=%zu "
+             "period_ms=%" PRIu64 "\n", mib, g_seed, g_npages, per_iter, churn_per_iter, period_ms);
+    else
+        emit("epcopy-memtest start mib=%" PRIu64 " seed=%" PRIu64 " pages=%zu dirty_per_iter=%zu period_ms=%" PRIu64 "\n",
+             mib, g_seed, g_npages, per_iter, period_ms);
 
     const int64_t period_ns = (int64_t)period_ms * 1000000LL;
     int64_t deadline = now_ns();
@@ -326,6 +382,16 @@ int main(int argc, char **argv)
             g_gen[p]++;
             fill_page(p);
         }
+        /* Churn: give the page back to the kernel (it becomes a free page, and
+         * reads as zeros until written), then write its next generation, which
+         * faults in a newly allocated page. */
+        for (size_t i = 0; i < churn_per_iter; i++) {
+            size_t p = (size_t)(rng_next() % g_npages);
+            madvise(g_mem + p * g_page_words, (size_t)pagesz, MADV_DONTNEED);
+            g_gen[p]++;
+            fill_page(p);
+        }
+        churned += churn_per_iter;
         if (iter == inject_iter) {
             size_t p = g_npages / 2;
             g_mem[p * g_page_words + 3] ^= 1ULL << 17;
@@ -339,7 +405,9 @@ int main(int argc, char **argv)
                 break;
             }
         }
-        if (bad_page < 0)
+        if (bad_page < 0 && churn_per_iter > 0)
+            emit("epcopy-memtest iter=%" PRIu64 " pages=%zu churn=%" PRIu64 " OK\n", iter, g_npages, churned);
+        else if (bad_page < 0)
             emit("epcopy-memtest iter=%" PRIu64 " pages=%zu OK\n", iter, g_npages);
         else
             emit("epcopy-memtest iter=%" PRIu64 " CORRUPT page=%ld word=%ld\n", iter, bad_page, bad_word);

@@ -145,8 +145,14 @@ public final class Daemon: @unchecked Sendable {
         guard let modeText = request["mode"] as? String, let mode = MigrationMode(rawValue: modeText) else {
             throw ControlError.remote("mode must be one of enlightened, postcopy, precopy")
         }
-        return MigrationOptions(mode: mode, verify: request["verify"] as? Bool ?? false, link: options.link,
-                                preloadLibrary: options.preloadLibrary, authKey: options.key)
+        var migration = MigrationOptions(mode: mode, verify: request["verify"] as? Bool ?? false, link: options.link,
+                                         preloadLibrary: options.preloadLibrary, authKey: options.key)
+        migration.useAgent = request["agent"] as? Bool ?? true
+        if let ms = request["agent_timeout_ms"] as? Int {
+            guard (1...60_000).contains(ms) else { throw ControlError.remote("agent_timeout_ms must be 1...60000") }
+            migration.agentTimeoutMillis = UInt64(ms)
+        }
+        return migration
     }
 
     /// Source role: move VM `name` to the daemon at `to`.
@@ -168,7 +174,8 @@ public final class Daemon: @unchecked Sendable {
         spec.name = name
         let specObject = try JSONSerialization.jsonObject(with: JSONEncoder().encode(spec))
         try peer.send(["op": "incoming", "spec": specObject, "mode": migration.mode.rawValue,
-                       "session": String(session), "verify": migration.verify])
+                       "session": String(session), "verify": migration.verify, "agent": migration.useAgent,
+                       "agent_timeout_ms": Int(migration.agentTimeoutMillis)])
         let prepared = try peer.receive(timeoutMillis: 120_000)
         guard let uri = prepared["migration_uri"] as? String, uri.hasPrefix("tcp:") else {
             throw ControlError.protocolViolation("incoming reply without a migration URI")

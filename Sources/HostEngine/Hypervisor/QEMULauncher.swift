@@ -18,6 +18,8 @@ import Glibc
 public struct QEMUConfig: Sendable, Equatable {
     /// The virtio-serial port name the guest agent opens.
     public static let agentPortName = "org.epcopy.agent.0"
+    /// A second port for the test guest's memory tester: its text lines must not mix with the agent's frames.
+    public static let logPortName = "org.epcopy.log.0"
 
     /// Names the VM in epcopy's messages, thread names and default file names.
     public var name: String
@@ -34,6 +36,8 @@ public struct QEMUConfig: Sendable, Equatable {
     public var serialLog: String
     /// The host end of the agent's virtio-serial port (QEMU listens on it).
     public var agentSocket: String
+    /// What the guest writes to the `org.epcopy.log.0` port (QEMU appends to it).
+    public var portLog: String
     public var pidFile: String
     /// Adds `-incoming defer`: the VM waits for `migrate-incoming`.
     public var incoming: Bool
@@ -67,6 +71,7 @@ public struct QEMUConfig: Sendable, Equatable {
         self.qmpSocket = "\(runDirectory)/\(base).qmp"
         self.serialLog = "\(runDirectory)/\(base).serial.log"
         self.agentSocket = "\(runDirectory)/\(base).agent"
+        self.portLog = "\(runDirectory)/\(base).port.log"
         self.pidFile = "\(runDirectory)/\(base).pid"
         self.incoming = false
         self.environment = [:]
@@ -96,9 +101,13 @@ public struct QEMUConfig: Sendable, Equatable {
         if let append { args += ["-append", append] }
         args += [
             "-serial", "file:\(serialLog)",
-            "-device", "virtio-serial-pci,max_ports=2",
+            // Port 0 is reserved for a console, so three ports hold the agent's and the log's. Few ports keep the
+            // vrings the device-state load touches (and so the faults before RESUME) few.
+            "-device", "virtio-serial-pci,max_ports=3",
             "-chardev", "socket,id=ch0,path=\(agentSocket),server=on,wait=off",
             "-device", "virtserialport,chardev=ch0,name=\(Self.agentPortName)",
+            "-chardev", "file,id=ch1,path=\(portLog)",
+            "-device", "virtserialport,chardev=ch1,name=\(Self.logPortName)",
             "-qmp", "unix:\(qmpSocket),server=on,wait=off",
             "-pidfile", pidFile,
         ]
@@ -117,7 +126,7 @@ public struct QEMUConfig: Sendable, Equatable {
         if kernel == nil, initrd != nil || append != nil { throw fail("initrd and append need a kernel") }
         // These paths sit inside QEMU's comma-separated option strings, where a comma starts a new option.
         for (what, path) in [("ramFile", ramFile), ("qmpSocket", qmpSocket), ("serialLog", serialLog),
-                             ("agentSocket", agentSocket)] {
+                             ("agentSocket", agentSocket), ("portLog", portLog)] {
             guard !path.isEmpty, !path.contains(",") else { throw fail("\(what) \"\(path)\" is empty or has a comma") }
         }
         for (what, path) in [("qmpSocket", qmpSocket), ("agentSocket", agentSocket)] {
@@ -299,7 +308,7 @@ public final class QEMUProcess: @unchecked Sendable {
 
     private static func removeFiles(_ config: QEMUConfig, ramFileExisted: Bool, keepRAMFile: Bool) {
         var paths = [config.qmpSocket, config.agentSocket, config.pidFile]
-        if !config.keepSerialLog { paths.append(config.serialLog) }
+        if !config.keepSerialLog { paths += [config.serialLog, config.portLog] }
         if !keepRAMFile && !ramFileExisted { paths.append(config.ramFile) }
         for path in paths { _ = unlink(path) }
     }

@@ -370,27 +370,10 @@ public final class QMPClient: @unchecked Sendable {
         }
     }
 
-    /// A blocking, close-on-exec unix stream socket connected to `path`, with a send timeout so a QEMU
-    /// that stops reading cannot block a command forever.
+    /// A blocking unix stream socket connected to `path`, with a send timeout so a QEMU that stops reading
+    /// cannot block a command forever.
     private static func openSocket(_ path: String) -> Result<Int32, SyscallError> {
-        Result { () throws(SyscallError) -> Int32 in
-            var addr = sockaddr_un()
-            var length: UInt32 = 0
-            _ = try Syscall.check("connect(\(path))") { Int(epc_unix_address(path, &addr, &length)) }
-            let raw = try Int32(Syscall.check("socket(AF_UNIX)") {
-                Syscall.negErrno(Int(Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)))
-            })
-            let fd = FileDescriptor(adopting: raw)
-            _ = try Syscall.check("connect(\(path))") {
-                // SAFETY: `addr` is a filled sockaddr_un of `length` bytes, alive for the call.
-                Syscall.negErrno(Int(withUnsafePointer(to: &addr) {
-                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(raw, $0, socklen_t(length)) }
-                }))
-            }
-            var sendTimeout = timeval(tv_sec: 10, tv_usec: 0)
-            _ = setsockopt(raw, SOL_SOCKET, SO_SNDTIMEO, &sendTimeout, socklen_t(MemoryLayout<timeval>.size))
-            return fd.release()
-        }
+        Result { () throws(SyscallError) -> Int32 in try UnixStream.connect(path, sendTimeoutSeconds: 10).release() }
     }
 
     /// The reader thread: reads until end-of-file or an error, splitting lines and dispatching them.

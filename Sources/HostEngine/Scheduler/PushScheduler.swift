@@ -138,6 +138,12 @@ public final class PushScheduler {
         return newly
     }
 
+    /// Classes from this one down are held back (`next` returns nil and sets `blocked`) until it is set to nil:
+    /// believed-free pages wait for the destination's post-resume free scan, which may drop most of them.
+    public var holdFrom: PushClass?
+    /// The last `next` returned nil because of `holdFrom`, not because every page was claimed.
+    public private(set) var blocked = false
+
     /// True while the class order is still in the device class (prefetch aside).
     public var inDeviceClass: Bool {
         classIndex < classes.count && classes[classIndex].0 == .device
@@ -145,6 +151,7 @@ public final class PushScheduler {
 
     /// The next chunk to push, or nil when every page has been claimed.
     public func next() -> PushChunk? {
+        blocked = false
         let (generation, faultPage) = hint.read()
         if generation != seenGeneration {
             seenGeneration = generation
@@ -162,6 +169,10 @@ public final class PushScheduler {
         prefetchLeft = 0
         while classIndex < classes.count {
             let (pushClass, set) = classes[classIndex]
+            if let held = holdFrom, pushClass.rawValue >= held.rawValue {
+                blocked = true
+                return nil
+            }
             var budget = chunk.pages
             var runs: [PageRange<PageIndex>] = []
             var classDone = false

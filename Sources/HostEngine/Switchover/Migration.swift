@@ -46,6 +46,18 @@ public struct MigrationResult: Sendable, Codable {
     public var guestVerdict: String
     public var guestCounterBefore: Int?
     public var guestCounterAfter: Int?
+    /// The guest agent answered (source hot report or destination free scan): enlightened post-copy. False:
+    /// plain external post-copy with neighbour prefetch (nil in QEMU's own modes).
+    public var enlightened: Bool?
+    public var pagesByClass: [String: UInt64]?
+    public var pagesSkippedFree: UInt64?
+    /// Source: asking for and receiving the hot report.
+    public var agentReportMillis: Double?
+    /// Destination: from RESUME's notice to the agent to having its free report.
+    public var freeScanMillis: Double?
+    public var pagesReportedFree: UInt64?
+    /// Why the agent was not used, or what it got wrong.
+    public var agentNotes: [String]?
 
     enum CodingKeys: String, CodingKey {
         case mode
@@ -62,6 +74,13 @@ public struct MigrationResult: Sendable, Codable {
         case guestVerdict = "guest_verdict"
         case guestCounterBefore = "guest_counter_before"
         case guestCounterAfter = "guest_counter_after"
+        case enlightened
+        case pagesByClass = "pages_by_class"
+        case pagesSkippedFree = "pages_skipped_free"
+        case agentReportMillis = "agent_report_ms"
+        case freeScanMillis = "free_scan_ms"
+        case pagesReportedFree = "pages_reported_free"
+        case agentNotes = "agent_notes"
     }
 }
 
@@ -99,6 +118,12 @@ public struct MigrationOptions: Sendable {
     /// Seconds to watch the guest after the transfer for its verdict.
     public var settleSeconds: Double
     public var authKey: [UInt8]?
+    /// Ask the guest agent for hot and free reports (enlightened mode); without an answer within
+    /// `agentTimeoutMillis` the migration is plain external post-copy with neighbour prefetch.
+    public var useAgent: Bool = true
+    public var agentTimeoutMillis: UInt64 = 3000
+    /// Observation window for the hot report (used where the guest kernel has idle page tracking).
+    public var hotWindowMillis: UInt32 = 0
 
     public init(mode: MigrationMode, verify: Bool = true, link: LinkSpec = .unshaped, preloadLibrary: String,
                 settleSeconds: Double = 3, authKey: [UInt8]? = nil) {
@@ -205,8 +230,11 @@ public enum Migration {
     static func combine(source: SourceOutcome, destination: DestinationOutcome, destinationSide: DestinationSide,
                         options: MigrationOptions) -> MigrationResult {
         var comparison = MemoryComparison(pagesCompared: 0, mismatchedPages: 0, firstMismatches: [])
+        let scan = destination.freeScan
         if let digests = destinationSide.engine?.digests, let sourceDigests = source.sourceDigests {
-            comparison = digests.compare(sourceDigests: sourceDigests)
+            // Pages the guest reported free after resume hold nothing the guest may read: every other page is
+            // compared with the source as it was at STOP.
+            comparison = digests.compare(sourceDigests: sourceDigests, free: scan?.free ?? PageSet())
         }
         let (verdict, counterAfter) = guestVerdict(destinationSide.qemu, before: source.counterBefore,
                                                    settle: options.settleSeconds)
@@ -218,7 +246,12 @@ public enum Migration {
             faultP99Micros: report?.metrics.faultP99Micros ?? 0, faultsBeforeResume: destination.faultsBeforeResume,
             pagesCompared: comparison.pagesCompared, mismatchedPages: comparison.mismatchedPages,
             verification: options.mode == .enlightened && options.verify ? "digests" : "guest",
-            guestVerdict: verdict, guestCounterBefore: source.counterBefore, guestCounterAfter: counterAfter)
+            guestVerdict: verdict, guestCounterBefore: source.counterBefore, guestCounterAfter: counterAfter,
+            enlightened: options.mode == .enlightened ? (source.hotReport ?? false) || (scan?.answered ?? false) : nil,
+            pagesByClass: source.pagesByClass, pagesSkippedFree: source.pagesSkippedFree,
+            agentReportMillis: source.agentReportMillis, freeScanMillis: scan?.answered == true ? scan?.millis : nil,
+            pagesReportedFree: scan?.answered == true ? scan?.free.count : nil,
+            agentNotes: options.mode == .enlightened ? (source.agentNotes ?? []) + (scan?.notes ?? []) : nil)
     }
 
     /// Bytes QEMU's own migration stream carried (device state, or all of RAM in its own modes).

@@ -51,6 +51,20 @@ public struct DestinationOutcome: Sendable {
     public var resumeTimestamp: Double
     public var faultsBeforeResume: UInt64
     public var report: DestinationReport?
+    /// The destination agent's post-resume free scan (enlightened mode).
+    public var freeScan: FreeScanOutcome?
+}
+
+/// What the destination's agent said after RESUME.
+public struct FreeScanOutcome: Sendable {
+    public var answered: Bool
+    /// From sending vmResumed to having the report (host clock).
+    public var millis: Double
+    /// The agent's own scan time.
+    public var scanMillis: Double
+    /// RAM-file pages the guest reported free (only these may differ from the source: they are free).
+    public var free: PageSet<PageIndex>
+    public var notes: [String]
 }
 
 /// What the source saw.
@@ -61,6 +75,16 @@ public struct SourceOutcome: Sendable, Codable {
     public var counterBefore: Int?
     /// Page digests of the source RAM file at STOP (`verify`, enlightened mode).
     public var sourceDigests: [UInt32]?
+    /// The source agent's hot report arrived (enlightened mode).
+    public var hotReport: Bool? = nil
+    /// From asking the source agent to having its hot report.
+    public var agentReportMillis: Double? = nil
+    public var agentNotes: [String]? = nil
+    public var pagesByClass: [String: UInt64]? = nil
+    /// Pages the destination's free scan removed from the push.
+    public var pagesSkippedFree: UInt64? = nil
+    /// Time the push waited for the destination's free scan.
+    public var freeHoldMillis: Double? = nil
 }
 
 public final class DestinationSide: @unchecked Sendable {
@@ -75,6 +99,7 @@ public final class DestinationSide: @unchecked Sendable {
     private let start = monotonicNanos()
     /// RESUME and the fault count at that moment, recorded by a watcher thread as it happens.
     private let resumed = ResultSlot<(Double, UInt64), MigrationError>()
+    private let freeScan = ResultSlot<FreeScanOutcome, MigrationError>()
     private var resumeWatcher: JoinableThread?
 
     /// Starts the destination QEMU (with the shim in enlightened mode), the engine, and migrate-incoming
@@ -82,6 +107,7 @@ public final class DestinationSide: @unchecked Sendable {
     public init(spec: VMSpec, name: String, mode: MigrationMode, session: UInt64, bindHost: String,
                 options: MigrationOptions) throws {
         self.mode = mode
+        let regionPages = UInt64(spec.memoryMiB) << 8
         var config = spec.config(name: name)
         config.incoming = true
         unlink(config.ramFile)
@@ -147,15 +173,56 @@ public final class DestinationSide: @unchecked Sendable {
             abandon()
             throw MigrationError.step("destination: migrate-incoming", error)
         }
-        let (qmp, slot, since, engine) = (qemu.qmp, resumed, start, self.engine)
+        // The agent port: connected now, used the moment the guest runs here.
+        var link: AgentLink?
+        var linkNote: String?
+        if mode == .enlightened && options.useAgent {
+            do { link = try AgentLink(socketPath: qemu.config.agentSocket, layout: GuestRAMLayout(regionPages: regionPages)) }
+            catch { linkNote = "destination: \(error)" }
+        }
+        let (qmp, slot, since, engine, scanSlot) = (qemu.qmp, resumed, start, self.engine, freeScan)
+        let (agentLink, agentNote) = (link, linkNote)
+        let agentTimeout = options.agentTimeoutMillis
         resumeWatcher = JoinableThread(name: "epcopy-resume") {
             do {
                 let event = try qmp.waitForEvent("RESUME", timeout: .seconds(600), after: since)
                 slot.set(.success((event.timestamp, engine?.metrics.faults.load(ordering: .relaxed) ?? 0)))
             } catch {
                 slot.set(.failure(.step("destination: waiting for RESUME", error)))
+                engine?.finishFreeScan(agentAnswered: false, pagesReported: 0)
+                return
             }
+            guard let engine else { return }
+            scanSlot.set(.success(Self.freeScan(link: agentLink, linkNote: agentNote, engine: engine, session: session,
+                                                timeoutMillis: agentTimeout)))
         }
+    }
+
+    /// After RESUME: the agent scans for free pages at once; each one not yet here is never fetched. Whatever
+    /// happens, the source hears that the scan is over, so it stops holding the believed-free pages back.
+    static func freeScan(link: AgentLink?, linkNote: String?, engine: DestinationEngine, session: UInt64,
+                         timeoutMillis: UInt64) -> FreeScanOutcome {
+        var outcome = FreeScanOutcome(answered: false, millis: 0, scanMillis: 0, free: PageSet(),
+                                      notes: linkNote.map { [$0] } ?? [])
+        guard let link else {
+            engine.finishFreeScan(agentAnswered: false, pagesReported: 0)
+            return outcome
+        }
+        let start = monotonicNanos()
+        do {
+            let (report, pages) = try link.freeAfterResume(sequence: session, timeoutMillis: timeoutMillis)
+            engine.markFree(pages)
+            engine.finishFreeScan(agentAnswered: true, pagesReported: pages.count)
+            outcome.answered = true
+            outcome.scanMillis = Double(report.scanMicros) / 1000
+            outcome.free = pages
+        } catch {
+            engine.finishFreeScan(agentAnswered: false, pagesReported: 0)
+            outcome.notes.append("destination: \(error)")
+        }
+        outcome.millis = Double(monotonicNanos() - start) / 1e6
+        outcome.notes += link.complaints.map { "destination agent: \($0)" }
+        return outcome
     }
 
     /// Waits for RESUME and, in enlightened mode, for every page to arrive.
@@ -174,8 +241,10 @@ public final class DestinationSide: @unchecked Sendable {
                 throw MigrationError.step("RAM transfer (destination)", error)
             }
         }
+        var scan: FreeScanOutcome?
+        if mode == .enlightened, engine != nil { scan = try? freeScan.get() }
         return DestinationOutcome(resumeTimestamp: resumeTimestamp, faultsBeforeResume: faultsBeforeResume,
-                                  report: report)
+                                  report: report, freeScan: scan)
     }
 
     /// Tears the destination down after a failure before the switch: nothing ran here yet.
@@ -205,17 +274,27 @@ public enum SourceSide {
 
         var sourceEngine: SourceEngine?
         var sourceThread: JoinableThread?
+        var agent = (hot: false, millis: nil as Double?, notes: [String]())
+        var engineReport: SourceReport?
         let sourceResult = Mutex<Result<SourceReport, PeerError>?>(nil)
         let sourceDone = Atomic<UInt64>(0)
         let stopped = DispatchSemaphore(value: 0)
         if mode == .enlightened {
             guard let engineEndpoint else { throw MigrationError.failed("enlightened mode needs the destination engine") }
-            // Connect and authenticate while the VM still runs; push from STOP, device pages first.
+            // Connect and authenticate while the VM still runs; push from STOP, device pages first, then the
+            // agent's classes, believed-free pages last and only after the destination's free scan.
             let device = Migration.devicePages(source.qmp, regionPages: regionPages)
+            var classes: [(PushClass, PageSet<PageIndex>)] = [(.device, device)]
+            if options.useAgent {
+                let hot = Self.hotReport(source: source, regionPages: regionPages, options: options)
+                agent = hot.outcome
+                classes += hot.classes
+            }
             var sourceOptions = SourceOptions(
-                sessionID: session, vmName: source.config.name, link: options.link, classes: [(.device, device)],
+                sessionID: session, vmName: source.config.name, link: options.link, classes: classes,
                 releaseMemory: !options.verify, authKey: options.authKey)
             sourceOptions.holdBulkUntilReleased = true
+            sourceOptions.holdFreeUntilScan = classes.contains { $0.0 == .believedFree && !$0.1.isEmpty }
             let engine: SourceEngine
             do { engine = try SourceEngine(ramFile: source.config.ramFile, options: sourceOptions) } catch {
                 throw MigrationError.step("source engine", error)
@@ -281,6 +360,7 @@ public enum SourceSide {
             }
             if options.verify { sourceDigests = try? PageDigests.ofFile(source.config.ramFile) }
             bytes = report.bytesWire + Migration.migrationBytes(source.qmp)
+            engineReport = report
         } else {
             do {
                 let end = try source.qmp.waitForEvent("MIGRATION", timeout: .seconds(1800), after: start) {
@@ -296,8 +376,48 @@ public enum SourceSide {
         source.keepRAMFile = false
         source.teardown()
         let released = options.verify && mode == .enlightened ? sourceDone.load(ordering: .acquiring) : monotonicNanos()
-        return SourceOutcome(stopTimestamp: stop.timestamp, tReleaseMillis: Double(released - start) / 1e6,
-                             bytesWire: bytes, counterBefore: counterBefore, sourceDigests: sourceDigests)
+        var outcome = SourceOutcome(stopTimestamp: stop.timestamp, tReleaseMillis: Double(released - start) / 1e6,
+                                    bytesWire: bytes, counterBefore: counterBefore, sourceDigests: sourceDigests)
+        if mode == .enlightened {
+            outcome.hotReport = agent.hot
+            outcome.agentReportMillis = agent.millis
+            outcome.agentNotes = agent.notes
+            outcome.pagesByClass = engineReport?.pagesByClass
+            outcome.pagesSkippedFree = engineReport?.pagesFree
+            outcome.freeHoldMillis = engineReport?.freeHoldMillis
+        }
+        return outcome
+    }
+
+    /// Asks the source agent for its hot report. Any failure — no agent installed, a silent or lying one —
+    /// only means plain external post-copy: the classes are push order, never correctness.
+    static func hotReport(source: QEMUProcess, regionPages: UInt64, options: MigrationOptions)
+        -> (outcome: (hot: Bool, millis: Double?, notes: [String]), classes: [(PushClass, PageSet<PageIndex>)]) {
+        let start = monotonicNanos()
+        var notes: [String] = []
+        var classes: [(PushClass, PageSet<PageIndex>)] = []
+        var hot = false
+        do {
+            let link = try AgentLink(socketPath: source.config.agentSocket, layout: GuestRAMLayout(regionPages: regionPages))
+            defer { notes += link.complaints.map { "source agent: \($0)" } }
+            _ = try link.hello(timeoutMillis: min(options.agentTimeoutMillis, 1500))
+            let (_, pages) = try link.hotReport(windowMillis: options.hotWindowMillis,
+                                                timeoutMillis: options.agentTimeoutMillis)
+            for (pageClass, set) in pages {
+                let pushClass: PushClass = switch pageClass {
+                case .kernel: .kernel
+                case .recent: .recent
+                case .inUse: .inUse
+                case .believedFree: .believedFree
+                }
+                classes.append((pushClass, set))
+            }
+            hot = true
+        } catch {
+            notes.append("source: \(error)")
+        }
+        let millis = Double(monotonicNanos() - start) / 1e6
+        return ((hot, hot ? millis : nil, notes), classes)
     }
 }
 

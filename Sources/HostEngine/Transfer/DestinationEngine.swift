@@ -110,6 +110,7 @@ public final class DestinationEngine: @unchecked Sendable {
     private let pending = PendingFaults()
     private let acks = Mutex(PageSet<PageIndex>())
     private let failure = Mutex<PeerError?>(nil)
+    private let freeScanDone = Mutex<(Bool, UInt64)?>(nil)
     private let bytesIn = Atomic<UInt64>(0)
     /// CPU seconds of the engine's helper threads, added when each ends.
     private let threadCPU = Mutex<Double>(0)
@@ -276,6 +277,12 @@ public final class DestinationEngine: @unchecked Sendable {
     public func markFree(_ free: PageSet<PageIndex>) {
         let newly = pages.markZero(free)
         if !newly.isEmpty { pages.freedNotPresent.withLock { $0.formUnion(newly) } }
+    }
+
+    /// Tells the source the guest's free scan is in (after `markFree` with its pages) — or that none will come
+    /// (`agentAnswered` false): the source then pushes the believed-free pages it held back.
+    public func finishFreeScan(agentAnswered: Bool, pagesReported: UInt64) {
+        freeScanDone.withLock { $0 = (agentAnswered, pagesReported) }
     }
 
     private func fail(_ error: PeerError) {
@@ -571,6 +578,11 @@ public final class DestinationEngine: @unchecked Sendable {
                 }
                 lastAck = now
             } else if ackDue { lastAck = now }
+            // Taken before the freed pages, so the marker never overtakes a freePages it stands for.
+            let scanDone = freeScanDone.withLock { d -> (Bool, UInt64)? in
+                defer { d = nil }
+                return d
+            }
             let freed = pages.freedNotPresent.withLock { f -> PageSet<PageIndex> in
                 defer { f = PageSet() }
                 return f
@@ -578,6 +590,10 @@ public final class DestinationEngine: @unchecked Sendable {
             for chunk in freed.chunked(maxRanges: 4096) where !chunk.isEmpty {
                 controlQueue.enqueue(OutgoingFrame(bytes: PeerMessage.freePages(chunk).encodedFrame(checksum: fastChecksum)),
                                      now: now)
+            }
+            if let (answered, reported) = scanDone {
+                controlQueue.enqueue(OutgoingFrame(bytes: PeerMessage.freeScanDone(
+                    agentAnswered: answered, pagesReported: reported).encodedFrame(checksum: fastChecksum)), now: now)
             }
             if now - lastSample > 100_000_000 {
                 lastSample = now

@@ -147,3 +147,26 @@ public enum TCP {
         return try Syscall.check("recv") { Syscall.negErrno(recv(fd, buffer.baseAddress, buffer.count, 0)) }
     }
 }
+
+/// Unix stream sockets: QMP and the agent's virtio-serial chardev, both served by QEMU.
+public enum UnixStream {
+    /// A blocking, close-on-exec socket connected to `path`; sends give up after `sendTimeoutSeconds`.
+    public static func connect(_ path: String, sendTimeoutSeconds: Int = 10) throws(SyscallError) -> FileDescriptor {
+        var addr = sockaddr_un()
+        var length: UInt32 = 0
+        _ = try Syscall.check("connect(\(path))") { Int(epc_unix_address(path, &addr, &length)) }
+        let raw = try Int32(Syscall.check("socket(AF_UNIX)") {
+            Syscall.negErrno(Int(Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)))
+        })
+        let fd = FileDescriptor(adopting: raw)
+        _ = try Syscall.check("connect(\(path))") {
+            // SAFETY: `addr` is a filled sockaddr_un of `length` bytes, alive for the call.
+            Syscall.negErrno(Int(withUnsafePointer(to: &addr) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(raw, $0, socklen_t(length)) }
+            }))
+        }
+        var sendTimeout = timeval(tv_sec: sendTimeoutSeconds, tv_usec: 0)
+        _ = setsockopt(raw, SOL_SOCKET, SO_SNDTIMEO, &sendTimeout, socklen_t(MemoryLayout<timeval>.size))
+        return fd
+    }
+}

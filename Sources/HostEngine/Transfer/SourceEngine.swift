@@ -39,6 +39,11 @@ public struct SourceOptions: Sendable {
     /// `bulkHoldMillis` in case RESUME never comes.
     public var holdBulkUntilReleased: Bool = false
     public var bulkHoldMillis: UInt64 = 2000
+    /// Push believed-free pages (and anything after them) only once the destination says its guest's free scan
+    /// is in (`freeScanDone`), or `freeHoldMillis` after the push first waited for it: the scan turns most of
+    /// them into pages never sent. Set when the source agent gave a hint.
+    public var holdFreeUntilScan: Bool = false
+    public var freeHoldMillis: UInt64 = 3000
 
     public init(sessionID: UInt64, vmName: String, link: LinkSpec = .unshaped,
                 classes: [(PushClass, PageSet<PageIndex>)] = [], connectTimeoutMillis: Int32 = 10_000,
@@ -71,6 +76,10 @@ public struct SourceReport: Sendable, Codable, Equatable {
     public var cpuSeconds: Double
     public var reconnects: Int
     public var pagesByClass: [String: UInt64]
+    /// The destination's guest answered its free scan (nil: no word came from the destination).
+    public var freeScanAnswered: Bool? = nil
+    /// Time the push waited for the free scan.
+    public var freeHoldMillis: Double = 0
 
     enum CodingKeys: String, CodingKey {
         case regionPages = "region_pages"
@@ -86,6 +95,8 @@ public struct SourceReport: Sendable, Codable, Equatable {
         case cpuSeconds = "cpu_s"
         case reconnects
         case pagesByClass = "pages_by_class"
+        case freeScanAnswered = "free_scan_answered"
+        case freeHoldMillis = "free_hold_ms"
     }
 }
 
@@ -99,6 +110,8 @@ public final class SourceEngine: @unchecked Sendable {
     private let metrics = TransferMetrics()
     private let urgentError = Mutex<PeerError?>(nil)
     private let bulkReleased = Atomic<Bool>(false)
+    /// What the destination said about its free scan, and how long the push waited for it.
+    private let freeScan = Mutex<(answered: Bool?, heldNanos: UInt64)>((nil, 0))
 
     /// Pages sent so far (bulk and urgent), for progress displays.
     public var pagesSent: UInt64 {
@@ -188,7 +201,9 @@ public final class SourceEngine: @unchecked Sendable {
             pagesZero: zero.count, pagesFree: pagesFree, pagesPresentAtResume: presentAtResume,
             bytesWire: snapshot.bytesWire, requests: snapshot.faults,
             pushMillis: Double(pushEnd &- start) / 1e6, tReleaseMillis: Double(end - start) / 1e6,
-            cpuSeconds: threadCPUSeconds() - cpuStart + threadCPU.withLock { $0 }, reconnects: reconnects, pagesByClass: snapshot.pagesByClass)
+            cpuSeconds: threadCPUSeconds() - cpuStart + threadCPU.withLock { $0 }, reconnects: reconnects,
+            pagesByClass: snapshot.pagesByClass, freeScanAnswered: freeScan.withLock { $0.answered },
+            freeHoldMillis: Double(freeScan.withLock { $0.heldNanos }) / 1e6)
     }
 
     /// Release bookkeeping that survives a reconnect.
@@ -477,6 +492,14 @@ public final class SourceEngine: @unchecked Sendable {
         var lastPunch = monotonicNanos()
         var lastTrace: UInt64 = 0
         let holdStart = monotonicNanos()
+        var freeHoldStart: UInt64 = 0
+        if options.holdFreeUntilScan { scheduler.holdFrom = .believedFree }
+        func endFreeHold() {
+            guard scheduler.holdFrom != nil else { return }
+            scheduler.holdFrom = nil
+            let held = freeHoldStart > 0 ? monotonicNanos() - freeHoldStart : 0
+            freeScan.withLock { $0.heldNanos += held }
+        }
 
         func handle(_ message: PeerMessage) throws {
             switch message {
@@ -494,6 +517,10 @@ public final class SourceEngine: @unchecked Sendable {
                 state.toPunch.formUnion(fresh)
             case .progress:
                 break
+            case .freeScanDone(let answered, let reported):
+                Trace.log("source: free scan done (agent answered \(answered), \(reported) pages)")
+                freeScan.withLock { $0.answered = answered }
+                endFreeHold()
             case .done:
                 destinationDone = true
             case .abort(let a):
@@ -508,9 +535,18 @@ public final class SourceEngine: @unchecked Sendable {
             let now = monotonicNanos()
             let holding = options.holdBulkUntilReleased && !bulkReleased.load(ordering: .acquiring)
                 && now - holdStart < options.bulkHoldMillis * 1_000_000
+            if scheduler.holdFrom != nil, freeHoldStart > 0,
+               now - freeHoldStart > options.freeHoldMillis * 1_000_000 {
+                Trace.log("source: no free scan from the destination after \(options.freeHoldMillis) ms; pushing on")
+                endFreeHold()
+            }
             while !pushExhausted, bulkQueue.pending < 2, !holding || scheduler.inDeviceClass {
                 guard let chunk = scheduler.next() else {
-                    pushExhausted = true
+                    if scheduler.blocked {
+                        if freeHoldStart == 0 { freeHoldStart = now }
+                    } else {
+                        pushExhausted = true
+                    }
                     break
                 }
                 if chunk.pushClass == .device { Trace.log("source: device chunk \(chunk.runs.count) runs enqueued") }
