@@ -48,7 +48,7 @@ let package = Package(
                     path: "Tests/EpcopyProtocolTests"),
         .testTarget(name: "EpcopyGuestAgentTests", dependencies: ["EpcopyGuestAgent"],
                     path: "Tests/EpcopyGuestAgentTests"),
-        .testTarget(name: "EpcopyHostEngineTests", dependencies: ["EpcopyHostEngine", "CEpcopyLinux"],
+        .testTarget(name: "EpcopyHostEngineTests", dependencies: ["EpcopyHostEngine", "CEpcopyLinux", "EpcopyGuestAgent"],
                     path: "Tests/EpcopyHostEngineTests"),
         .testTarget(name: "EpcopyCLITests", dependencies: ["epcopy", "EpcopyHostEngine", "EpcopyProtocol", "CEpcopyLinux"],
                     path: "Tests/EpcopyCLITests"),

@@ -180,3 +180,56 @@ final class ListenerBox: @unchecked Sendable {
     let listener: Listener
     init(_ listener: consuming Listener) { self.listener = listener }
 }
+
+extension EngineTransferTests {
+    /// Believed-free pages wait for the destination's free scan even on a fast link; what the scan finds free
+    /// is never sent, the rest arrives intact. Without a scan the push goes on after `freeHoldMillis`.
+    @Test(arguments: [true, false])
+    func believedFreePagesWaitForTheFreeScan(scanArrives: Bool) throws {
+        let pages: UInt64 = 16384
+        let seed: UInt64 = 0xB0F
+        let hinted = PageSet<PageIndex>(try PageRange(start: PageIndex(rawValue: 8000), count: pages - 8000))
+        // The guest reallocated a few hinted pages before the scan: those must still arrive.
+        let free = hinted.subtracting(PageSet(try PageRange(start: PageIndex(rawValue: 9000), count: 100)))
+        let source = try TestRAMFile("src-hold-\(scanArrives)", size: Int(pages * 4096))
+        try source.fillPattern(seed: seed, holes: PageSet())
+        let target = try TestRAMFile("dst-hold-\(scanArrives)", size: Int(pages * 4096))
+        let targetFD = try FileDescriptor.open(target.path, O_RDWR)
+        let memory = try DestinationMemory.registerOwn(file: targetFD, length: Int(pages * 4096))
+        let destination = DestinationEngine(memory: memory, options: DestinationOptions(sessionID: 9))
+        let base = try #require(destination.ownMappingAddress)
+        let listenerBox = ListenerBox(try TCP.listen(on: Endpoint(host: "127.0.0.1", port: 0)))
+        let endpoint = listenerBox.listener.endpoint
+        let dst = Background("dst") { try destination.run(listener: listenerBox.listener) }
+        var options = SourceOptions(sessionID: 9, vmName: "t",
+                                    classes: [(.inUse, PageSet(try PageRange(start: PageIndex(rawValue: 0), count: 8000))),
+                                              (.believedFree, hinted)])
+        options.holdFreeUntilScan = true
+        options.freeHoldMillis = 400
+        let engine = try SourceEngine(ramFile: source.path, options: options)
+        let src = Background("src") { try engine.run(destination: endpoint) }
+        if scanArrives {
+            // The agent's scan takes a while; the push must not run ahead into the hinted pages meanwhile.
+            usleep(250_000)
+            destination.markFree(free)
+            destination.finishFreeScan(agentAnswered: true, pagesReported: free.count)
+        }
+        _ = try dst.value()
+        let report = try src.value()
+        let sent = report.pagesPushed + report.pagesUrgent
+        if scanArrives {
+            #expect(report.freeScanAnswered == true)
+            #expect(sent == pages - free.count, "sent \(sent): believed-free pages went out before the scan")
+            #expect(report.pagesFree == free.count)
+            #expect(report.freeHoldMillis > 100)
+        } else {
+            #expect(report.freeScanAnswered == nil)
+            #expect(sent == pages)
+            #expect(report.freeHoldMillis >= 350)
+        }
+        let comparison = MemoryCompare.comparePattern(actual: UnsafeRawPointer(bitPattern: base)!, pages: pages,
+                                                      seed: seed, zero: scanArrives ? free : PageSet())
+        #expect(comparison.mismatchedPages == 0, "\(comparison.firstMismatches)")
+        withExtendedLifetime(targetFD) {}
+    }
+}
