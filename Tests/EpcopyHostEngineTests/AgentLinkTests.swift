@@ -17,13 +17,13 @@ final class FakeAgent: @unchecked Sendable {
     private var thread: Thread?
     private let done = DispatchSemaphore(value: 0)
 
-    init(_ behave: @escaping @Sendable (Int32) -> Void) throws {
-        path = "/tmp/epcopy-fake-agent-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
-        unlink(path)
+    init(path: String? = nil, _ behave: @escaping @Sendable (Int32) -> Void) throws {
+        self.path = path ?? "/tmp/epcopy-fake-agent-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
+        unlink(self.path)
         listenFD = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         var addr = sockaddr_un()
         var length: UInt32 = 0
-        try #require(epc_unix_address(path, &addr, &length) == 0)
+        try #require(epc_unix_address(self.path, &addr, &length) == 0)
         let bound = withUnsafePointer(to: &addr) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listenFD, $0, socklen_t(length)) }
         }

@@ -23,8 +23,9 @@ enum GuestFixture {
         .deletingLastPathComponent().appendingPathComponent("libEpcopyPreload.so").path
 
     /// Boots a guest and waits until its tester has printed a few OK lines.
-    static func bootedGuest(_ name: String, memoryMiB: Int = 512) throws -> QEMUProcess {
-        let image = try #require(image, "the test guest is not built: run `make guest`")
+    static func bootedGuest(_ name: String, memoryMiB: Int = 512, append: String? = nil) throws -> QEMUProcess {
+        var image = try #require(image, "the test guest is not built: run `make guest`")
+        if let append { image.append = append }
         let vm = try Migration.startVM(name: name, memoryMiB: memoryMiB, image: image, deadlineSeconds: 300)
         let deadline = Date().addingTimeInterval(90)
         while Date() < deadline {

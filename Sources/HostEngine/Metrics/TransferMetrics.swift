@@ -4,6 +4,9 @@
 
 import Histogram
 import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
 
 public final class TransferMetrics: Sendable {
     private struct State {
@@ -23,7 +26,27 @@ public final class TransferMetrics: Sendable {
     public let bulkPages = Atomic<UInt64>(0)
     public let bytesWire = Atomic<UInt64>(0)
 
+    /// Wall-clock times (seconds, CLOCK_REALTIME — the clock QMP event timestamps use) of the first faults, so a
+    /// migration can count exactly the faults that came before QEMU's RESUME event.
+    private let earlyFaults = Mutex<[Double]>([])
+    public static let earlyFaultLimit = 4096
+
     public init() {}
+
+    /// Called by the fault path for every fault; keeps the first `earlyFaultLimit` times.
+    public func recordFaultTime() {
+        earlyFaults.withLock {
+            guard $0.count < Self.earlyFaultLimit else { return }
+            var ts = timespec()
+            clock_gettime(CLOCK_REALTIME, &ts)
+            $0.append(Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9)
+        }
+    }
+
+    /// Faults seen before wall-clock time `seconds` (among the first `earlyFaultLimit`).
+    public func faults(before seconds: Double) -> UInt64 {
+        earlyFaults.withLock { times in UInt64(times.lazy.filter { $0 < seconds }.count) }
+    }
 
     /// Latency from reading the fault to the page being placed (the faulting thread woken), in ns.
     public func recordFaultLatency(nanos: UInt64, viaBulk: Bool = false) {

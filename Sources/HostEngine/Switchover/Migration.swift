@@ -207,7 +207,9 @@ public enum Migration {
     static func local(source: QEMUProcess, options: MigrationOptions) throws -> (MigrationResult, QEMUProcess) {
         let session = UInt64.random(in: 1...UInt64.max)
         let spec = VMSpec(source.config)
-        let destination = try DestinationSide(spec: spec, name: "\(spec.name)-dst\(UInt32.random(in: 0...99999))",
+        // A VM migrated again keeps its base name: file and socket paths must not grow with every hop.
+        let base = spec.name.components(separatedBy: "-dst").first ?? spec.name
+        let destination = try DestinationSide(spec: spec, name: "\(base)-dst\(UInt32.random(in: 0...99999))",
                                               mode: options.mode, session: session, bindHost: "127.0.0.1",
                                               options: options)
         let sourceOutcome: SourceOutcome
@@ -227,7 +229,7 @@ public enum Migration {
 
     /// The result of one migration from what each side saw. Downtime uses the two QEMUs' own event
     /// timestamps (each host's clock), so it holds when the sides run in different processes.
-    static func combine(source: SourceOutcome, destination: DestinationOutcome, destinationSide: DestinationSide,
+    public static func combine(source: SourceOutcome, destination: DestinationOutcome, destinationSide: DestinationSide,
                         options: MigrationOptions) -> MigrationResult {
         var comparison = MemoryComparison(pagesCompared: 0, mismatchedPages: 0, firstMismatches: [])
         let scan = destination.freeScan

@@ -173,15 +173,8 @@ public final class DestinationSide: @unchecked Sendable {
             abandon()
             throw MigrationError.step("destination: migrate-incoming", error)
         }
-        // The agent port: connected now, used the moment the guest runs here.
-        var link: AgentLink?
-        var linkNote: String?
-        if mode == .enlightened && options.useAgent {
-            do { link = try AgentLink(socketPath: qemu.config.agentSocket, layout: GuestRAMLayout(regionPages: regionPages)) }
-            catch { linkNote = "destination: \(error)" }
-        }
         let (qmp, slot, since, engine, scanSlot) = (qemu.qmp, resumed, start, self.engine, freeScan)
-        let (agentLink, agentNote) = (link, linkNote)
+        let (agentSocket, useAgent) = (qemu.config.agentSocket, mode == .enlightened && options.useAgent)
         let agentTimeout = options.agentTimeoutMillis
         resumeWatcher = JoinableThread(name: "epcopy-resume") {
             do {
@@ -193,7 +186,15 @@ public final class DestinationSide: @unchecked Sendable {
                 return
             }
             guard let engine else { return }
-            scanSlot.set(.success(Self.freeScan(link: agentLink, linkNote: agentNote, engine: engine, session: session,
+            // The agent port is opened only now: the guest runs here, and whatever answers on the port is the
+            // guest's (a connection made earlier would only sit idle).
+            var link: AgentLink?
+            var note: String?
+            if useAgent {
+                do { link = try AgentLink(socketPath: agentSocket, layout: GuestRAMLayout(regionPages: regionPages)) }
+                catch { note = "destination: \(error)" }
+            }
+            scanSlot.set(.success(Self.freeScan(link: link, linkNote: note, engine: engine, session: session,
                                                 timeoutMillis: agentTimeout)))
         }
     }
@@ -241,6 +242,9 @@ public final class DestinationSide: @unchecked Sendable {
                 throw MigrationError.step("RAM transfer (destination)", error)
             }
         }
+        // The watcher read the fault counter a moment after RESUME, while the guest already ran and faulted:
+        // count by time instead, against QEMU's own RESUME timestamp (same host clock).
+        let faultsBeforeResume = engine.map { $0.metrics.faults(before: resumeTimestamp) } ?? faultsBeforeResume
         var scan: FreeScanOutcome?
         if mode == .enlightened, engine != nil { scan = try? freeScan.get() }
         return DestinationOutcome(resumeTimestamp: resumeTimestamp, faultsBeforeResume: faultsBeforeResume,

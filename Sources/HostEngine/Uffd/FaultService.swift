@@ -206,6 +206,7 @@ public final class FaultService: @unchecked Sendable {
         guard address >= base, address < base + UInt(length) else { return nil }
         let page = UInt64((address - base) >> UInt(PageGeometry.shift)) + firstPage
         metrics.faults.add(1, ordering: .relaxed)
+        metrics.recordFaultTime()
         if pages.present.contains(page) {
             metrics.faultsAlreadyPresent.add(1, ordering: .relaxed)
             try wakeOrContinue(address)
