@@ -230,8 +230,8 @@ public final class DestinationSide: @unchecked Sendable {
     public func finish(timeout: Duration = .seconds(600)) throws -> DestinationOutcome {
         resumeWatcher?.join()
         let resumeTimestamp: Double
-        let faultsBeforeResume: UInt64
-        do { (resumeTimestamp, faultsBeforeResume) = try resumed.get() } catch {
+        let faultsAtWatcher: UInt64
+        do { (resumeTimestamp, faultsAtWatcher) = try resumed.get() } catch {
             abandon()
             throw error
         }
@@ -244,7 +244,7 @@ public final class DestinationSide: @unchecked Sendable {
         }
         // The watcher read the fault counter a moment after RESUME, while the guest already ran and faulted:
         // count by time instead, against QEMU's own RESUME timestamp (same host clock).
-        let faultsBeforeResume = engine.map { $0.metrics.faults(before: resumeTimestamp) } ?? faultsBeforeResume
+        let faultsBeforeResume = engine.map { $0.metrics.faults(before: resumeTimestamp) } ?? faultsAtWatcher
         var scan: FreeScanOutcome?
         if mode == .enlightened, engine != nil { scan = try? freeScan.get() }
         return DestinationOutcome(resumeTimestamp: resumeTimestamp, faultsBeforeResume: faultsBeforeResume,
