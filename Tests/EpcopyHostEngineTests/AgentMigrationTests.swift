@@ -23,7 +23,7 @@ import Testing
         #expect(result.enlightened == true, "notes: \(result.agentNotes ?? [])")
         #expect(result.mismatchedPages == 0)
         #expect(result.guestVerdict == "OK")
-        let regionPages: UInt64 = 512 * 256
+        let regionPages = source.config.regionPages
         let free = try #require(result.pagesReportedFree)
         #expect(free > regionPages * 4 / 10, "the guest reported only \(free) free pages")
         let nonFreeBytes = Double((regionPages - free) * 4096)
@@ -90,7 +90,7 @@ extension AgentMigrationTests {
     @Test func hostileAgentsCannotBreakAMigration() throws {
         let source = try GuestFixture.bootedGuest("agent-hostile-\(getpid())",
                                                   append: "console=ttyS0 quiet epcopy.memtest_mib=64 epcopy.agent=0")
-        let regionPages: UInt64 = 512 * 256
+        let regionPages = source.config.regionPages
         unlink(source.config.agentSocket)
         let liar = try FakeAgent(path: source.config.agentSocket) { fd in
             FakeAgent.serve(fd) { message in

@@ -45,14 +45,9 @@ enum GuestFixture {
             mode: mode, verify: true, preloadLibrary: GuestFixture.preload))
         defer { destination.teardown() }
         print("migration \(mode): \(result)")
-        if mode == .precopy {
-            // QEMU's own precopy (a baseline): the destination guest is sometimes silent afterwards.
-            withKnownIssue("after QEMU precopy the destination guest is intermittently silent", isIntermittent: true) {
-                #expect(result.guestVerdict == "OK", "guest: \(destination.serialLog.suffix(500))")
-            }
-        } else {
-            #expect(result.guestVerdict == "OK", "guest: \(destination.serialLog.suffix(500))")
-        }
+        // QEMU's own precopy used to crash this guest about one run in thirteen (a QEMU < 9.0 TCG bug that loses
+        // dirty pages); the launcher's 8 KiB of extra RAM under TCG avoids it (QEMUConfig.ramPadKiB).
+        #expect(result.guestVerdict == "OK", "guest: \(destination.serialLog.suffix(500))")
         #expect(result.mismatchedPages == 0)
         if mode == .enlightened {
             #expect(result.pagesCompared > 0)
@@ -73,7 +68,7 @@ extension MigrationTests {
         print("migration of a 3.5 GiB guest: \(result)")
         #expect(result.guestVerdict == "OK")
         #expect(result.mismatchedPages == 0)
-        #expect(result.pagesCompared == 3584 * 256)
+        #expect(result.pagesCompared == source.config.regionPages)
     }
 
     @Test func ramOffsetsFollowTheQ35Layout() {

@@ -56,8 +56,9 @@ enum QEMUTestSupport {
         config.extraArgs = ["-S"]
         #expect(config.arguments == [
             "-accel", "tcg", "-nodefaults", "-display", "none", "-machine", "q35,memory-backend=mem0",
-            "-m", "256M", "-smp", "2",
-            "-object", "memory-backend-file,id=mem0,size=256M,mem-path=/dev/shm/epcopy-shape.ram,share=on",
+            // 8 KiB more under TCG: QEMU < 9.0 loses dirty pages of 256 KiB-multiple RAM blocks (see ramPadKiB).
+            "-m", "262152K", "-smp", "2",
+            "-object", "memory-backend-file,id=mem0,size=262152K,mem-path=/dev/shm/epcopy-shape.ram,share=on",
             "-kernel", "/k/bzImage", "-initrd", "/k/initrd", "-append", "console=ttyS0 quiet",
             "-serial", "file:/tmp/epcopy-shape.serial.log",
             "-device", "virtio-serial-pci,max_ports=3",
@@ -69,6 +70,12 @@ enum QEMUTestSupport {
             "-pidfile", "/tmp/epcopy-shape.pid",
             "-incoming", "defer", "-S",
         ])
+        #expect(config.regionPages == 256 * 256 + 2)
+        var kvm = config
+        kvm.ramPadKiB = 0
+        #expect(kvm.arguments.contains("256M"))
+        kvm.ramPadKiB = 4
+        #expect(throws: QEMUError.self) { try kvm.validate() }
         config.ramFile = "/dev/shm/a,b"
         #expect(throws: QEMUError.self) { try config.validate() }
     }

@@ -282,12 +282,23 @@ public enum Migration {
 
     /// OK when the destination's tester goes on counting past the source's last count and never says
     /// CORRUPT; waits up to `settle` seconds for two new lines.
+    /// The first line of a guest kernel crash on the console (the destination's log holds only what the guest
+    /// printed there), or nil. A guest whose memory arrived wrong usually dies like this within a second.
+    static func guestCrash(_ log: String) -> String? {
+        let markers = ["Kernel panic", "BUG: ", "Oops", "general protection fault", "kernel BUG at", "WARNING: CPU"]
+        for line in log.split(whereSeparator: \.isNewline) where markers.contains(where: { line.contains($0) }) {
+            return String(line.prefix(160))
+        }
+        return nil
+    }
+
     static func guestVerdict(_ destination: QEMUProcess, before: Int?, settle: Double) -> (String, Int?) {
         let deadline = Date().addingTimeInterval(max(settle, 1) + 20)
         var after: Int?
         while Date() < deadline {
             let log = destination.serialLog
             if log.contains("CORRUPT") { return ("CORRUPT", lastCounter(log)) }
+            if let crash = guestCrash(log) { return ("CRASHED: \(crash)", lastCounter(log)) }
             after = lastCounter(log)
             if let after, let before, after >= before + 2 { return ("OK", after) }
             if before == nil, after != nil { return ("OK", after) }

@@ -12,6 +12,8 @@ import Synchronization
 public struct VMSpec: Codable, Sendable, Equatable {
     public var name: String
     public var memoryMiB: Int
+    /// See QEMUConfig.ramPadKiB; the destination must have exactly the source's RAM size.
+    public var ramPadKiB: Int?
     public var vcpus: Int
     public var kernel: String?
     public var initrd: String?
@@ -32,6 +34,7 @@ public struct VMSpec: Codable, Sendable, Equatable {
     public init(_ config: QEMUConfig) {
         self.init(name: config.name, memoryMiB: config.memoryMiB, vcpus: config.vcpus, kernel: config.kernel,
                   initrd: config.initrd, append: config.append, accel: config.accel)
+        ramPadKiB = config.ramPadKiB
     }
 
     /// A QEMU configuration for this VM on this host under the name `name`.
@@ -41,6 +44,7 @@ public struct VMSpec: Codable, Sendable, Equatable {
         config.kernel = kernel
         config.initrd = initrd
         config.append = append
+        if let ramPadKiB { config.ramPadKiB = ramPadKiB }
         return config
     }
 }
@@ -107,8 +111,8 @@ public final class DestinationSide: @unchecked Sendable {
     public init(spec: VMSpec, name: String, mode: MigrationMode, session: UInt64, bindHost: String,
                 options: MigrationOptions) throws {
         self.mode = mode
-        let regionPages = UInt64(spec.memoryMiB) << 8
         var config = spec.config(name: name)
+        let regionPages = config.regionPages
         config.incoming = true
         unlink(config.ramFile)
         let migrationPort = Self.freePort(host: bindHost)
@@ -270,7 +274,7 @@ public enum SourceSide {
     public static func migrate(source: QEMUProcess, mode: MigrationMode, session: UInt64, destinationURI: String,
                                engineEndpoint: Endpoint?, options: MigrationOptions,
                                progress: (@Sendable (UInt64, UInt64) -> Void)? = nil) throws -> SourceOutcome {
-        let regionPages = UInt64(source.config.memoryMiB) << 8
+        let regionPages = source.config.regionPages
         let capabilities: [String: Bool] = mode == .enlightened
             ? ["x-ignore-shared": true, "events": true] : ["postcopy-ram": mode == .postcopy, "events": true]
         try Migration.setCapabilities(source.qmp, capabilities)
