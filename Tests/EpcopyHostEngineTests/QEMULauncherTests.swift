@@ -126,7 +126,7 @@ enum QEMUTestSupport {
         #expect(QEMUTestSupport.isAlive(pid, config))
         #expect(!qemu.deadlineExpired)
         var st = stat()
-        #expect(stat(config.ramFile, &st) == 0 && st.st_size == 64 << 20)
+        #expect(stat(config.ramFile, &st) == 0 && UInt64(st.st_size) == config.ramBytes)
         #expect(stat(config.qmpSocket, &st) == 0 && st.st_mode & S_IFMT == S_IFSOCK)
         #expect(stat(config.agentSocket, &st) == 0 && st.st_mode & S_IFMT == S_IFSOCK)
         let pidText = try String(contentsOfFile: config.pidFile, encoding: .utf8)

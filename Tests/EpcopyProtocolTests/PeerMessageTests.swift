@@ -43,8 +43,8 @@ private let name = "peer message "
         #expect(throws: ProtocolError.unknownMessageType(link: .peer, type: 0)) {
             try PeerMessage.decode(type: 0, payload: [], context: samplePeerContext)
         }
-        #expect(throws: ProtocolError.unknownMessageType(link: .peer, type: 14)) {
-            try PeerMessage.decode(type: 14, payload: [], context: samplePeerContext)
+        #expect(throws: ProtocolError.unknownMessageType(link: .peer, type: 15)) {
+            try PeerMessage.decode(type: 15, payload: [], context: samplePeerContext)
         }
         #expect(ProtocolError.unknownMessageType(link: .peer, type: 14).description == "unknown peer message type 14")
         let done = PeerMessage.done(PeerDone(pagesSent: 1, bytesSent: 2)).encodedPayload()
