@@ -220,7 +220,7 @@ enum MigrationTable {
 extension MigrationTable {
     /// What the guest agent contributed, in words (enlightened mode only).
     static func agentLine(_ r: [String: Any]) -> String? {
-        guard let enlightened = r["enlightened"] as? Bool else { return nil }
+        guard r["mode"] as? String == "enlightened", let enlightened = r["enlightened"] as? Bool else { return nil }
         let notes = (r["agent_notes"] as? [String] ?? []).joined(separator: "; ")
         guard enlightened else {
             return "no guest agent answered: plain external post-copy with neighbour prefetch"

@@ -82,6 +82,33 @@ public struct MigrationResult: Sendable, Codable {
         case pagesReportedFree = "pages_reported_free"
         case agentNotes = "agent_notes"
     }
+
+    /// Every key always present (`--json` is a contract): what does not apply is null, and `enlightened` is false
+    /// for QEMU's own modes.
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(mode, forKey: .mode)
+        try c.encode(downtimeMillis, forKey: .downtimeMillis)
+        try c.encode(tReleaseMillis, forKey: .tReleaseMillis)
+        try c.encode(bytesWire, forKey: .bytesWire)
+        try c.encode(faults, forKey: .faults)
+        try c.encode(faultP50Micros, forKey: .faultP50Micros)
+        try c.encode(faultP99Micros, forKey: .faultP99Micros)
+        try c.encode(faultsBeforeResume, forKey: .faultsBeforeResume)
+        try c.encode(pagesCompared, forKey: .pagesCompared)
+        try c.encode(mismatchedPages, forKey: .mismatchedPages)
+        try c.encode(verification, forKey: .verification)
+        try c.encode(guestVerdict, forKey: .guestVerdict)
+        try c.encode(guestCounterBefore, forKey: .guestCounterBefore)
+        try c.encode(guestCounterAfter, forKey: .guestCounterAfter)
+        try c.encode(enlightened ?? false, forKey: .enlightened)
+        try c.encode(pagesByClass, forKey: .pagesByClass)
+        try c.encode(pagesSkippedFree, forKey: .pagesSkippedFree)
+        try c.encode(agentReportMillis, forKey: .agentReportMillis)
+        try c.encode(freeScanMillis, forKey: .freeScanMillis)
+        try c.encode(pagesReportedFree, forKey: .pagesReportedFree)
+        try c.encode(agentNotes, forKey: .agentNotes)
+    }
 }
 
 public enum MigrationError: Error, CustomStringConvertible {
