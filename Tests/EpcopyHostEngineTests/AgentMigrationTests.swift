@@ -70,6 +70,7 @@ import Testing
                                                   append: "console=ttyS0 quiet epcopy.memtest_mib=64 epcopy.agent=0")
         var options = MigrationOptions(mode: .enlightened, verify: true, preloadLibrary: GuestFixture.preload)
         options.agentTimeoutMillis = 1000
+        options.freeScanTimeoutMillis = 1000
         let (result, destination) = try Migration.run(source: source, options: options)
         destination.kill()
         destination.teardown()

@@ -149,6 +149,9 @@ public struct MigrationOptions: Sendable {
     /// `agentTimeoutMillis` the migration is plain external post-copy with neighbour prefetch.
     public var useAgent: Bool = true
     public var agentTimeoutMillis: UInt64 = 3000
+    /// How long the destination waits for the agent's post-resume free scan (pages it reports later are still
+    /// skipped if not yet sent; the source stops holding believed-free pages back after its own deadline).
+    public var freeScanTimeoutMillis: UInt64 = 10_000
     /// Observation window for the hot report (used where the guest kernel has idle page tracking).
     public var hotWindowMillis: UInt32 = 0
 

@@ -179,7 +179,9 @@ public final class DestinationSide: @unchecked Sendable {
         }
         let (qmp, slot, since, engine, scanSlot) = (qemu.qmp, resumed, start, self.engine, freeScan)
         let (agentSocket, useAgent) = (qemu.config.agentSocket, mode == .enlightened && options.useAgent)
-        let agentTimeout = options.agentTimeoutMillis
+        // The switch does not wait for the free scan (the guest already runs here), so it may take longer than a
+        // hot report: a large guest's first scan right after RESUME runs with a cold translation cache under TCG.
+        let agentTimeout = max(options.agentTimeoutMillis, options.freeScanTimeoutMillis)
         resumeWatcher = JoinableThread(name: "epcopy-resume") {
             do {
                 let event = try qmp.waitForEvent("RESUME", timeout: .seconds(600), after: since)
