@@ -43,3 +43,8 @@ AGENT_BIN := .build/static/release/epcopy-agent
 agent: deps
 	$(SWIFT) build -c release --build-path .build/static --product epcopy-agent -Xswiftc -static-executable
 .PHONY: agent
+
+# The benchmark guest (Debian bookworm + memcached + MariaDB + the agent), cached; see Workloads/images/README.md.
+images: agent guest
+	@EPCOPY_AGENT=$(CURDIR)/$(AGENT_BIN) Workloads/images/build.sh
+.PHONY: images
