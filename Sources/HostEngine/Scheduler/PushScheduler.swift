@@ -129,13 +129,22 @@ public final class PushScheduler {
     /// already sent stay sent. Returns how many pages were newly skipped.
     @discardableResult
     public func skip(_ pages: PageSet<PageIndex>) -> UInt64 {
-        var newly: UInt64 = 0
+        skipClaiming(pages).count
+    }
+
+    /// As `skip`, returning the pages this call claimed. The others were already sent or are on their way —
+    /// their data may still be read from the source mapping by a queued send.
+    public func skipClaiming(_ pages: PageSet<PageIndex>) -> PageSet<PageIndex> {
+        var claimed: [PageRange<PageIndex>] = []
         for range in pages.ranges where range.lowerBound.rawValue < regionPages {
             let end = min(range.upperBound.rawValue, regionPages)
-            sent.claim(start: range.lowerBound.rawValue, count: end - range.lowerBound.rawValue) { _, n in newly += n }
+            sent.claim(start: range.lowerBound.rawValue, count: end - range.lowerBound.rawValue) { start, n in
+                claimed.append(try! PageRange(start: PageIndex(rawValue: start), count: n))
+            }
         }
-        skippedPages += newly
-        return newly
+        let set = PageSet(ranges: claimed)
+        skippedPages += set.count
+        return set
     }
 
     /// Classes from this one down are held back (`next` returns nil and sets `blocked`) until it is set to nil:

@@ -213,6 +213,9 @@ public final class SourceEngine: @unchecked Sendable {
         var released = PageSet<PageIndex>()
         /// Acknowledged but not yet punched.
         var toPunch = PageSet<PageIndex>()
+        /// Reported free while a send of them may still be queued: punched once the session's sends are over
+        /// (punching earlier would change the bytes under a frame whose CRC is already computed).
+        var punchWhenIdle = PageSet<PageIndex>()
 
         init(regionPages: UInt64) { self.regionPages = regionPages }
         var complete: Bool { released.count == regionPages }
@@ -510,11 +513,12 @@ public final class SourceEngine: @unchecked Sendable {
             case .freePages(let pages):
                 // The guest reported these free after resume: never send them, and nothing of them
                 // needs keeping.
-                let newly = scheduler.skip(pages)
-                pagesFree += newly
+                let claimed = scheduler.skipClaiming(pages)
+                pagesFree += claimed.count
                 let fresh = pages.subtracting(state.released)
                 state.released.formUnion(fresh)
-                state.toPunch.formUnion(fresh)
+                state.toPunch.formUnion(fresh.intersection(claimed))
+                state.punchWhenIdle.formUnion(fresh.subtracting(claimed))
             case .progress:
                 break
             case .freeScanDone(let answered, let reported):
@@ -603,6 +607,9 @@ public final class SourceEngine: @unchecked Sendable {
             }
             if let error = urgentError.withLock({ $0 }) { throw error }
         }
+        // The destination has every page, so no send of a freed page is still queued.
+        state.toPunch.formUnion(state.punchWhenIdle)
+        state.punchWhenIdle = PageSet()
         try punch(&state)
         guard state.complete else {
             throw PeerError.unexpected("the destination reported done, but \(regionPages - state.released.count) "
