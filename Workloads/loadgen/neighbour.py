@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""Noisy neighbour for the source host, with its own per-interval throughput.
+
+--kind cpu    each process runs a tight integer arithmetic loop;
+              1 work unit = 10,000 loop iterations.
+--kind membw  each process streams over its own --buffer-mb buffer (default
+              256 MiB): memoryview copies of one half onto the other in 16 MiB
+              chunks (memcpy: read + write, far larger than any cache);
+              1 work unit = 1 MiB copied.
+
+--procs N processes (multiprocessing, so they contend for cores with QEMU and
+the load generator). Each adds to its own slot of a shared counter array; the
+parent samples the sum every --interval-ms and writes CSV rows
+
+    t_s,work_units_per_s
+
+(t_s = end of the interval, seconds since the workers were started,
+time.monotonic). Buffers are allocated and touched before the clock starts.
+Prints a one-line summary (mean units/s) at the end. SIGTERM/SIGINT end the
+run early (the rows so far are kept).
+"""
+
+import argparse
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+
+CPU_UNIT = 10_000
+CHUNK_MB = 16
+
+
+def cpu_worker(slot, counts, stop, ready):
+    ready.release()
+    x = 1
+    while not stop.is_set():
+        for _ in range(10):
+            for i in range(CPU_UNIT):
+                x = (x * 1103515245 + i) & 0xFFFFFFFF
+            counts[slot] += 1
+
+
+def membw_worker(slot, counts, stop, ready, buffer_mb):
+    half = max(CHUNK_MB, buffer_mb // 2) << 20
+    buf = bytearray(2 * half)
+    mv = memoryview(buf)
+    # Touch everything (and make it non-zero) before the clock starts.
+    pattern = bytes(range(256)) * 4096
+    for off in range(0, 2 * half, len(pattern)):
+        mv[off:off + len(pattern)] = pattern[:min(len(pattern), 2 * half - off)]
+    ready.release()
+    chunk = CHUNK_MB << 20
+    src, dst = 0, half
+    while not stop.is_set():
+        for off in range(0, half, chunk):
+            mv[dst + off:dst + off + chunk] = mv[src + off:src + off + chunk]
+            counts[slot] += CHUNK_MB
+            if stop.is_set():
+                break
+        src, dst = dst, src
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kind", choices=["cpu", "membw"], required=True)
+    p.add_argument("--procs", type=int, default=1)
+    p.add_argument("--duration", type=float, default=30.0)
+    p.add_argument("--interval-ms", type=float, default=250.0)
+    p.add_argument("--buffer-mb", type=int, default=256, help="membw: per-process buffer")
+    p.add_argument("--out", help="CSV file")
+    a = p.parse_args()
+    if a.procs < 1 or a.interval_ms <= 0:
+        p.error("bad --procs/--interval-ms")
+
+    ctx = mp.get_context("fork")
+    counts = ctx.Array("q", a.procs, lock=False)  # one slot per worker: no lock needed
+    stop = ctx.Event()
+    ready = ctx.Semaphore(0)
+    procs = []
+    for i in range(a.procs):
+        if a.kind == "cpu":
+            pr = ctx.Process(target=cpu_worker, args=(i, counts, stop, ready), daemon=True)
+        else:
+            pr = ctx.Process(target=membw_worker, args=(i, counts, stop, ready, a.buffer_mb), daemon=True)
+        pr.start()
+        procs.append(pr)
+
+    ending = []
+    signal.signal(signal.SIGTERM, lambda *_: ending.append(1))
+    signal.signal(signal.SIGINT, lambda *_: ending.append(1))
+
+    for _ in procs:
+        while not ready.acquire(timeout=0.5):
+            if ending or not all(pr.is_alive() for pr in procs):
+                break
+    out = open(a.out, "w", buffering=1) if a.out else None
+    if out:
+        out.write("t_s,work_units_per_s\n")
+    iv = a.interval_ms / 1000.0
+    n = max(1, round(a.duration / iv))
+    t0 = time.monotonic()
+    last, last_t = sum(counts), t0
+    first = last
+    done = 0
+    for i in range(1, n + 1):
+        deadline = t0 + i * iv
+        while not ending:
+            d = deadline - time.monotonic()
+            if d <= 0:
+                break
+            time.sleep(min(d, 0.05))
+        if ending:
+            break
+        now = time.monotonic()
+        c = sum(counts)
+        rate = (c - last) / (now - last_t)
+        last, last_t = c, now
+        done = i
+        if out:
+            out.write(f"{now - t0:.3f},{rate:.1f}\n")
+    stop.set()
+    for pr in procs:
+        pr.join(timeout=5)
+        if pr.is_alive():
+            pr.kill()
+    if out:
+        out.close()
+    el = last_t - t0
+    unit = "10k-iteration loops" if a.kind == "cpu" else "MiB copied"
+    print(f"neighbour: {a.kind} x{a.procs}: {(last - first) / el if el > 0 else 0:.1f} units/s mean "
+          f"({unit}) over {el:.1f} s, {done} intervals", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
