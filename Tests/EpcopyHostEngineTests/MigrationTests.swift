@@ -108,3 +108,20 @@ extension MigrationTests {
         #expect((Migration.lastCounterForTests(source.serialLog) ?? 0) > before, "the source guest stopped counting")
     }
 }
+
+extension MigrationTests {
+    /// One VM, one migration per mode in a row: each mode must undo the capabilities the previous one left on
+    /// the QEMU it arrived in (QEMU refuses postcopy while x-ignore-shared is on).
+    @Test func aVMMigratedOneWayCanLeaveAnyOtherWay() throws {
+        var vm = try GuestFixture.bootedGuest("mig-chain-\(getpid())",
+                                              append: "console=ttyS0 quiet epcopy.memtest_mib=64 epcopy.seed=3")
+        defer { vm.kill(); vm.teardown() }
+        for mode in [MigrationMode.enlightened, .postcopy, .enlightened, .precopy, .enlightened] {
+            let (result, next) = try Migration.run(source: vm, options: MigrationOptions(
+                mode: mode, verify: true, preloadLibrary: GuestFixture.preload, settleSeconds: 2))
+            vm = next
+            #expect(result.mismatchedPages == 0, "\(mode)")
+            #expect(result.guestVerdict == "OK", "\(mode): \(next.serialLog.suffix(300))")
+        }
+    }
+}

@@ -184,6 +184,12 @@ public enum Migration {
         try local(source: source, options: options)
     }
 
+    /// Every capability a mode depends on, set both ways: a QEMU that arrived by one mode keeps that mode's
+    /// capabilities (x-ignore-shared stays on after an enlightened migration, and QEMU refuses postcopy with it).
+    public static func capabilities(for mode: MigrationMode) -> [String: Bool] {
+        ["x-ignore-shared": mode == .enlightened, "postcopy-ram": mode == .postcopy, "events": true]
+    }
+
     static func setCapabilities(_ qmp: QMPClient, _ capabilities: [String: Bool]) throws {
         let list = capabilities.map { QMPValue.object(["capability": .string($0.key), "state": .bool($0.value)]) }
         do { _ = try qmp.execute("migrate-set-capabilities", arguments: ["capabilities": .array(list)], timeout: .seconds(10)) }

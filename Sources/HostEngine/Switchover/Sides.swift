@@ -168,8 +168,7 @@ public final class DestinationSide: @unchecked Sendable {
             engineEndpoint = nil
             engineThread = nil
         }
-        let capabilities: [String: Bool] = mode == .enlightened
-            ? ["x-ignore-shared": true, "events": true] : ["postcopy-ram": mode == .postcopy, "events": true]
+        let capabilities = Migration.capabilities(for: mode)
         do {
             try Migration.setCapabilities(qemu.qmp, capabilities)
             _ = try qemu.qmp.execute("migrate-incoming", arguments: ["uri": .string(migrationURI)], timeout: .seconds(10))
@@ -277,8 +276,7 @@ public enum SourceSide {
                                engineEndpoint: Endpoint?, options: MigrationOptions,
                                progress: (@Sendable (UInt64, UInt64) -> Void)? = nil) throws -> SourceOutcome {
         let regionPages = source.config.regionPages
-        let capabilities: [String: Bool] = mode == .enlightened
-            ? ["x-ignore-shared": true, "events": true] : ["postcopy-ram": mode == .postcopy, "events": true]
+        let capabilities = Migration.capabilities(for: mode)
         try Migration.setCapabilities(source.qmp, capabilities)
         let counterBefore = Migration.lastCounter(source.serialLog)
 
