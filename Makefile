@@ -13,7 +13,7 @@ build: deps
 	$(SWIFT) build
 
 # Swift Testing only: the suite has no XCTest cases, and XCTest's empty summary would read as "no tests".
-test: deps guest
+test: deps guest images
 	$(SWIFT) build --build-tests
 	$(SWIFT) test --skip-build --disable-xctest
 

@@ -105,12 +105,19 @@ struct VMStart: ParsableCommand {
     var kernel = "Workloads/guest/out/vmlinux"
     @Option(help: "Guest initrd.") var initrd = "Workloads/guest/out/initrd.img"
     @Option(help: "Kernel command line.") var append = "console=ttyS0 quiet epcopy.memtest_mib=128"
+    @Option(help: ArgumentHelp("A qcow2 disk on storage both hosts see (e.g. an overlay of Workloads/images/out/bench.img).",
+                               discussion: "Both QEMUs of a migration open it; epcopy never deletes it."))
+    var disk: String?
+    @Option(name: .customLong("forward"), help: "Guest TCP port to reach at the daemon's address (repeatable).")
+    var forwards: [UInt16] = []
     @OptionGroup var daemon: DaemonOptions
 
     func run() throws {
         let absolute = { (path: String) in URL(fileURLWithPath: path).standardizedFileURL.path }
-        let spec: [String: Any] = ["name": name, "memoryMiB": memory, "vcpus": 1, "kernel": absolute(kernel),
+        var spec: [String: Any] = ["name": name, "memoryMiB": memory, "vcpus": 1, "kernel": absolute(kernel),
                                    "initrd": absolute(initrd), "append": append, "accel": QEMUConfig.defaultAccel()]
+        if let disk { spec["disk"] = absolute(disk) }
+        if !forwards.isEmpty { spec["forwards"] = forwards.map { Int($0) } }
         let reply = try daemon.request(["op": "vm.start", "name": name, "spec": spec])
         print("started \(name): pid \(reply["pid"] ?? "?"), RAM in \(reply["ram_file"] ?? "?")")
     }

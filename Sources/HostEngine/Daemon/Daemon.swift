@@ -120,7 +120,7 @@ public final class Daemon: @unchecked Sendable {
         guard (64...262_144).contains(spec.memoryMiB), (1...64).contains(spec.vcpus) else {
             throw ControlError.remote("memory must be 64 MiB-256 GiB and vCPUs 1-64")
         }
-        for path in [spec.kernel, spec.initrd].compactMap({ $0 }) where !FileManager.default.fileExists(atPath: path) {
+        for path in [spec.kernel, spec.initrd, spec.disk].compactMap({ $0 }) where !FileManager.default.fileExists(atPath: path) {
             throw ControlError.remote("\(path) does not exist on this host")
         }
         return spec
@@ -131,7 +131,8 @@ public final class Daemon: @unchecked Sendable {
         var spec = try Self.spec(request["spec"])
         spec.name = name
         guard vms.withLock({ $0[name] == nil }) else { throw ControlError.remote("a VM named \(name) already runs here") }
-        let config = spec.config(name: "\(options.instance)-\(name)", deadlineSeconds: options.vmDeadlineSeconds)
+        var config = spec.config(name: "\(options.instance)-\(name)", deadlineSeconds: options.vmDeadlineSeconds)
+        config.forwardHost = options.listen.host
         let vm: QEMUProcess
         do { vm = try QEMUProcess.launch(config, connectTimeout: .seconds(30)) } catch {
             throw ControlError.remote("start VM \(name): \(error)")

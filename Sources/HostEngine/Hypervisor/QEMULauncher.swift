@@ -55,6 +55,13 @@ public struct QEMUConfig: Sendable, Equatable {
     public var environment: [String: String]
     /// "tcg" or "kvm".
     public var accel: String
+    /// A qcow2 disk (an overlay on shared storage: both QEMUs of a migration open the same file; QEMU hands
+    /// the image over at the end of the device-state migration). epcopy never deletes it.
+    public var disk: String?
+    /// Guest TCP ports forwarded from `forwardHost` (QEMU user networking, virtio-net): the VM's services are
+    /// reached at the address of the host it currently runs on.
+    public var forwards: [UInt16]
+    public var forwardHost: String
     /// Appended after everything else.
     public var extraArgs: [String]
     /// The watchdog SIGKILLs QEMU this many seconds after it was spawned.
@@ -89,6 +96,9 @@ public struct QEMUConfig: Sendable, Equatable {
         self.accel = accel ?? Self.defaultAccel()
         self.ramPadKiB = self.accel == "tcg" ? 8 : 0
         self.extraArgs = []
+        self.disk = nil
+        self.forwards = []
+        self.forwardHost = "127.0.0.1"
         self.deadlineSeconds = deadlineSeconds
         self.keepRAMFile = false
         self.keepSerialLog = false
@@ -124,6 +134,11 @@ public struct QEMUConfig: Sendable, Equatable {
             "-qmp", "unix:\(qmpSocket),server=on,wait=off",
             "-pidfile", pidFile,
         ]
+        if let disk { args += ["-drive", "file=\(disk),if=virtio,format=qcow2"] }
+        if !forwards.isEmpty {
+            let rules = forwards.map { "hostfwd=tcp:\(forwardHost):\($0)-:\($0)" }.joined(separator: ",")
+            args += ["-netdev", "user,id=n0,\(rules)", "-device", "virtio-net-pci,netdev=n0"]
+        }
         if incoming { args += ["-incoming", "defer"] }
         return args + extraArgs
     }
@@ -145,6 +160,11 @@ public struct QEMUConfig: Sendable, Equatable {
                              ("agentSocket", agentSocket), ("portLog", portLog)] {
             guard !path.isEmpty, !path.contains(",") else { throw fail("\(what) \"\(path)\" is empty or has a comma") }
         }
+        if let disk, disk.isEmpty || disk.contains(",") { throw fail("disk \"\(disk)\" is empty or has a comma") }
+        guard Set(forwards).count == forwards.count, !forwards.contains(0) else {
+            throw fail("forwarded ports must be distinct and non-zero: \(forwards)")
+        }
+        guard Endpoint("\(forwardHost):1") != nil else { throw fail("forwardHost \"\(forwardHost)\" is not an IPv4 address") }
         for (what, path) in [("qmpSocket", qmpSocket), ("agentSocket", agentSocket)] {
             guard path.utf8.count < 108 else { throw fail("\(what) \"\(path)\" is longer than a unix socket path can be") }
         }

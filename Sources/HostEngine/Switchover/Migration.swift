@@ -329,6 +329,13 @@ public enum Migration {
     }
 
     static func guestVerdict(_ destination: QEMUProcess, before: Int?, settle: Double) -> (String, Int?) {
+        // A guest that never ran the memory tester (a workload image) has no verdict of its own; a crash
+        // on its console still counts.
+        if before == nil, lastCounter(destination.serialLog) == nil {
+            usleep(UInt32(min(max(settle, 0), 10) * 1_000_000))
+            if let crash = guestCrash(destination.serialLog) { return ("CRASHED: \(crash)", nil) }
+            return ("no memory tester", nil)
+        }
         let deadline = Date().addingTimeInterval(max(settle, 1) + 20)
         var after: Int?
         while Date() < deadline {

@@ -14,6 +14,10 @@ public struct VMSpec: Codable, Sendable, Equatable {
     public var memoryMiB: Int
     /// See QEMUConfig.ramPadKiB; the destination must have exactly the source's RAM size.
     public var ramPadKiB: Int?
+    /// The VM's qcow2 disk on shared storage, if any (same path on both hosts).
+    public var disk: String?
+    /// Guest TCP ports forwarded from the address of the host the VM runs on.
+    public var forwards: [UInt16]?
     public var vcpus: Int
     public var kernel: String?
     public var initrd: String?
@@ -35,6 +39,8 @@ public struct VMSpec: Codable, Sendable, Equatable {
         self.init(name: config.name, memoryMiB: config.memoryMiB, vcpus: config.vcpus, kernel: config.kernel,
                   initrd: config.initrd, append: config.append, accel: config.accel)
         ramPadKiB = config.ramPadKiB
+        disk = config.disk
+        forwards = config.forwards.isEmpty ? nil : config.forwards
     }
 
     /// A QEMU configuration for this VM on this host under the name `name`.
@@ -45,6 +51,8 @@ public struct VMSpec: Codable, Sendable, Equatable {
         config.initrd = initrd
         config.append = append
         if let ramPadKiB { config.ramPadKiB = ramPadKiB }
+        config.disk = disk
+        config.forwards = forwards ?? []
         return config
     }
 }
@@ -112,6 +120,7 @@ public final class DestinationSide: @unchecked Sendable {
                 options: MigrationOptions) throws {
         self.mode = mode
         var config = spec.config(name: name)
+        config.forwardHost = bindHost
         let regionPages = config.regionPages
         config.incoming = true
         unlink(config.ramFile)
