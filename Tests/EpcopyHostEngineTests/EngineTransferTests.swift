@@ -235,3 +235,42 @@ extension EngineTransferTests {
         withExtendedLifetime(targetFD) {}
     }
 }
+
+extension EngineTransferTests {
+    /// A page is faulted and requested; before its data arrives (150 ms link delay) the guest's free scan reports
+    /// it free. The reply must not be placed — and the faulting thread must still be woken, with a zero page.
+    @Test func aRequestedPageReportedFreeBeforeItsReplyWakesWithZero() throws {
+        let pages: UInt64 = 4096
+        let seed: UInt64 = 0x5EED
+        let target: UInt64 = 4000
+        let source = try TestRAMFile("src-reqfree", size: Int(pages * 4096))
+        try source.fillPattern(seed: seed, holes: PageSet())
+        let dst = try TestRAMFile("dst-reqfree", size: Int(pages * 4096))
+        let dstFD = try FileDescriptor.open(dst.path, O_RDWR)
+        let memory = try DestinationMemory.registerOwn(file: dstFD, length: Int(pages * 4096))
+        let destination = DestinationEngine(memory: memory, options: DestinationOptions(sessionID: 11))
+        let base = try #require(destination.ownMappingAddress)
+        let listenerBox = ListenerBox(try TCP.listen(on: Endpoint(host: "127.0.0.1", port: 0)))
+        let endpoint = listenerBox.listener.endpoint
+        let dstRun = Background("dst") { try destination.run(listener: listenerBox.listener) }
+        let engine = try SourceEngine(ramFile: source.path, options: SourceOptions(
+            sessionID: 11, vmName: "t", link: LinkSpec(delayNanos: 150_000_000), prefetchPages: 0))
+        let srcRun = Background("src") { try engine.run(destination: endpoint) }
+        usleep(100_000)
+        let toucher = Background("touch") { () -> Bool in
+            MemoryCompare.isZeroPage(UnsafeRawPointer(bitPattern: base + UInt(target * 4096))!)
+        }
+        let start = Date()
+        while destination.metrics.faults.load(ordering: .relaxed) == 0, Date().timeIntervalSince(start) < 5 { usleep(1000) }
+        #expect(destination.metrics.faults.load(ordering: .relaxed) > 0)
+        destination.markFree(PageSet(PageRange(PageIndex(rawValue: target))))
+        #expect(try toucher.value() == true, "the faulting thread read the stale page instead of a zero page")
+        _ = try dstRun.value()
+        _ = try srcRun.value()
+        // Every other page arrived intact.
+        let comparison = MemoryCompare.comparePattern(actual: UnsafeRawPointer(bitPattern: base)!, pages: pages, seed: seed,
+                                                      zero: PageSet(PageRange(PageIndex(rawValue: target))))
+        #expect(comparison.mismatchedPages == 0, "\(comparison.firstMismatches)")
+        withExtendedLifetime(dstFD) {}
+    }
+}
