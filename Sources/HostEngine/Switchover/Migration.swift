@@ -58,6 +58,9 @@ public struct MigrationResult: Sendable, Codable {
     public var pagesReportedFree: UInt64?
     /// Why the agent was not used, or what it got wrong.
     public var agentNotes: [String]?
+    /// QEMU's STOP on the source and RESUME on the destination, wall clock (unix seconds; each host's clock).
+    public var stopUnixSeconds: Double?
+    public var resumeUnixSeconds: Double?
 
     enum CodingKeys: String, CodingKey {
         case mode
@@ -81,6 +84,8 @@ public struct MigrationResult: Sendable, Codable {
         case freeScanMillis = "free_scan_ms"
         case pagesReportedFree = "pages_reported_free"
         case agentNotes = "agent_notes"
+        case stopUnixSeconds = "stop_unix_s"
+        case resumeUnixSeconds = "resume_unix_s"
     }
 
     /// Every key always present (`--json` is a contract): what does not apply is null, and `enlightened` is false
@@ -108,6 +113,8 @@ public struct MigrationResult: Sendable, Codable {
         try c.encode(freeScanMillis, forKey: .freeScanMillis)
         try c.encode(pagesReportedFree, forKey: .pagesReportedFree)
         try c.encode(agentNotes, forKey: .agentNotes)
+        try c.encode(stopUnixSeconds, forKey: .stopUnixSeconds)
+        try c.encode(resumeUnixSeconds, forKey: .resumeUnixSeconds)
     }
 }
 
@@ -289,7 +296,8 @@ public enum Migration {
             pagesByClass: source.pagesByClass, pagesSkippedFree: source.pagesSkippedFree,
             agentReportMillis: source.agentReportMillis, freeScanMillis: scan?.answered == true ? scan?.millis : nil,
             pagesReportedFree: scan?.answered == true ? scan?.free.count : nil,
-            agentNotes: options.mode == .enlightened ? (source.agentNotes ?? []) + (scan?.notes ?? []) : nil)
+            agentNotes: options.mode == .enlightened ? (source.agentNotes ?? []) + (scan?.notes ?? []) : nil,
+            stopUnixSeconds: source.stopTimestamp, resumeUnixSeconds: destination.resumeTimestamp)
     }
 
     /// Bytes QEMU's own migration stream carried (device state, or all of RAM in its own modes).
