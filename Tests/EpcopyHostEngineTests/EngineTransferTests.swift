@@ -274,3 +274,53 @@ extension EngineTransferTests {
         withExtendedLifetime(dstFD) {}
     }
 }
+
+extension EngineTransferTests {
+    /// Pages that exist in the file but hold only zeros are sent as zero ranges, not data, and read as zero on
+    /// the destination — also when a fault asks for one first.
+    @Test func zeroContentPagesTravelAsRanges() throws {
+        let pages: UInt64 = 8192
+        let seed: UInt64 = 0x2E50
+        let zeroed = PageSet<PageIndex>(ranges: [try PageRange(start: PageIndex(rawValue: 100), count: 500),
+                                                 try PageRange(start: PageIndex(rawValue: 4001), count: 1),
+                                                 try PageRange(start: PageIndex(rawValue: 8000), count: 192)])
+        let source = try TestRAMFile("src-zc", size: Int(pages * 4096))
+        try source.fillPattern(seed: seed, holes: PageSet())
+        // Written with zeros: allocated in the file (not holes), zero by content.
+        let fd = open(source.path, O_RDWR | O_CLOEXEC)
+        let zeros = [UInt8](repeating: 0, count: 4096)
+        for page in zeroed.pages { _ = pwrite(fd, zeros, 4096, off_t(page.rawValue * 4096)) }
+        close(fd)
+        #expect(source.allocatedBytes == Int(pages * 4096))
+        let target = try TestRAMFile("dst-zc", size: Int(pages * 4096))
+        let targetFD = try FileDescriptor.open(target.path, O_RDWR)
+        let memory = try DestinationMemory.registerOwn(file: targetFD, length: Int(pages * 4096))
+        let destination = DestinationEngine(memory: memory, options: DestinationOptions(sessionID: 12))
+        let base = try #require(destination.ownMappingAddress)
+        let listenerBox = ListenerBox(try TCP.listen(on: Endpoint(host: "127.0.0.1", port: 0)))
+        let endpoint = listenerBox.listener.endpoint
+        let dst = Background("dst") { try destination.run(listener: listenerBox.listener) }
+        let engine = try SourceEngine(ramFile: source.path, options: SourceOptions(sessionID: 12, vmName: "t"))
+        let src = Background("src") { try engine.run(destination: endpoint) }
+        let toucher = Background("touch") { () -> UInt64 in
+            var bad: UInt64 = 0
+            for page in [UInt64(8100), 4001, 350, 4000, 4002, 99, 600] {
+                let address = UnsafeRawPointer(bitPattern: base + UInt(page * 4096))!
+                let ok = zeroed.contains(PageIndex(rawValue: page))
+                    ? MemoryCompare.isZeroPage(address) : epc_pattern_check(address, page, 1, seed) < 0
+                if !ok { bad += 1 }
+            }
+            return bad
+        }
+        _ = try dst.value()
+        let report = try src.value()
+        #expect(try toucher.value() == 0)
+        #expect(report.pagesZeroContent + report.pagesUrgent >= zeroed.count - 8, "\(report)")
+        #expect(report.pagesPushed + report.pagesUrgent + report.pagesZeroContent == pages)
+        let comparison = MemoryCompare.comparePattern(actual: UnsafeRawPointer(bitPattern: base)!, pages: pages,
+                                                      seed: seed, zero: zeroed)
+        #expect(comparison.mismatchedPages == 0, "\(comparison.firstMismatches)")
+        #expect(source.allocatedBytes == 0)
+        withExtendedLifetime(targetFD) {}
+    }
+}

@@ -76,6 +76,8 @@ public struct SourceReport: Sendable, Codable, Equatable {
     public var cpuSeconds: Double
     public var reconnects: Int
     public var pagesByClass: [String: UInt64]
+    /// Pages whose content was zero, sent as ranges instead of data (holes are in `pagesZero`).
+    public var pagesZeroContent: UInt64 = 0
     /// The destination's guest answered its free scan (nil: no word came from the destination).
     public var freeScanAnswered: Bool? = nil
     /// Time the push waited for the free scan.
@@ -95,6 +97,7 @@ public struct SourceReport: Sendable, Codable, Equatable {
         case cpuSeconds = "cpu_s"
         case reconnects
         case pagesByClass = "pages_by_class"
+        case pagesZeroContent = "pages_zero_content"
         case freeScanAnswered = "free_scan_answered"
         case freeHoldMillis = "free_hold_ms"
     }
@@ -110,6 +113,8 @@ public final class SourceEngine: @unchecked Sendable {
     private let metrics = TransferMetrics()
     private let urgentError = Mutex<PeerError?>(nil)
     private let bulkReleased = Atomic<Bool>(false)
+    /// Pages found all-zero at push time and sent as zeroPages ranges instead of data.
+    private let zeroContentPages = Atomic<UInt64>(0)
     /// What the destination said about its free scan, and how long the push waited for it.
     private let freeScan = Mutex<(answered: Bool?, heldNanos: UInt64)>((nil, 0))
 
@@ -202,7 +207,8 @@ public final class SourceEngine: @unchecked Sendable {
             bytesWire: snapshot.bytesWire, requests: snapshot.faults,
             pushMillis: Double(pushEnd &- start) / 1e6, tReleaseMillis: Double(end - start) / 1e6,
             cpuSeconds: threadCPUSeconds() - cpuStart + threadCPU.withLock { $0 }, reconnects: reconnects,
-            pagesByClass: snapshot.pagesByClass, freeScanAnswered: freeScan.withLock { $0.answered },
+            pagesByClass: snapshot.pagesByClass, pagesZeroContent: zeroContentPages.load(ordering: .relaxed),
+            freeScanAnswered: freeScan.withLock { $0.answered },
             freeHoldMillis: Double(freeScan.withLock { $0.heldNanos }) / 1e6)
     }
 
@@ -554,7 +560,20 @@ public final class SourceEngine: @unchecked Sendable {
                     break
                 }
                 if chunk.pushClass == .device { Trace.log("source: device chunk \(chunk.runs.count) runs enqueued") }
-                for frame in frames(requestID: 0, runs: chunk.runs, pushClass: chunk.pushClass, mapping: mappingBase) {
+                // Pages whose content is zero travel as a range in a zeroPages message, as QEMU sends a zero
+                // marker: the destination zero-fills them on fault. The file is final, so the check holds.
+                let (dataRuns, zeroRuns) = Self.splitZero(chunk.runs, mapping: mappingBase)
+                if !zeroRuns.isEmpty {
+                    let zeroSet = PageSet(ranges: zeroRuns)
+                    zeroContentPages.add(zeroSet.count, ordering: .relaxed)
+                    state.released.formUnion(zeroSet)
+                    state.toPunch.formUnion(zeroSet)
+                    for part in zeroSet.chunked(maxRanges: 4096) {
+                        controlQueue.enqueue(OutgoingFrame(bytes: PeerMessage.zeroPages(part).encodedFrame(
+                            checksum: fastChecksum)), now: now)
+                    }
+                }
+                for frame in frames(requestID: 0, runs: dataRuns, pushClass: chunk.pushClass, mapping: mappingBase) {
                     bulkQueue.enqueue(frame, now: now)
                 }
             }
@@ -619,6 +638,30 @@ public final class SourceEngine: @unchecked Sendable {
     }
 
     /// Returns acknowledged pages to the host: fallocate(PUNCH_HOLE) per range.
+    /// Splits `runs` into runs of pages with data and runs of pages whose content is all zero.
+    static func splitZero(_ runs: [PageRange<PageIndex>], mapping: UnsafeRawPointer)
+        -> (data: [PageRange<PageIndex>], zero: [PageRange<PageIndex>]) {
+        var data: [PageRange<PageIndex>] = []
+        var zero: [PageRange<PageIndex>] = []
+        for run in runs {
+            var start = run.lowerBound.rawValue
+            var isZero = MemoryCompare.isZeroPage(mapping + Int(start << PageGeometry.shift))
+            var page = start + 1
+            while page <= run.upperBound.rawValue {
+                let z = page < run.upperBound.rawValue
+                    ? MemoryCompare.isZeroPage(mapping + Int(page << PageGeometry.shift)) : !isZero
+                if z != isZero || page == run.upperBound.rawValue {
+                    let r = try! PageRange(start: PageIndex(rawValue: start), count: page - start)
+                    if isZero { zero.append(r) } else { data.append(r) }
+                    start = page
+                    isZero = z
+                }
+                page += 1
+            }
+        }
+        return (data, zero)
+    }
+
     private func punch(_ state: inout ReleaseState) throws {
         defer { state.toPunch = PageSet() }
         guard options.releaseMemory else { return }
