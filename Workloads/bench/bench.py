@@ -167,6 +167,23 @@ def run_mode(args, hosts, mode, out):
             if load.poll() is not None:
                 raise RuntimeError(f"{mode}: the load generator exited: {open(load_log.name).read()[-800:]}")
             time.sleep(0.05)
+        # The warm-up must really have filled memcached (a fill that silently lost data would make every
+        # number after it meaningless): ask memcached itself.
+        stats = run(hosts.exec(1, [sys.executable, "-c",
+                                   "import socket\n"
+                                   f"s=socket.create_connection(('{hosts.ip[0]}',{port}),timeout=5)\n"
+                                   "s.sendall(b'stats\\r\\n'); d=b''\n"
+                                   "while not d.endswith(b'END\\r\\n'): d+=s.recv(65536)\n"
+                                   "print([l.split()[2] for l in d.decode().splitlines() if l.startswith('STAT bytes ')][0])"]),
+                    check=False)
+        try:
+            held = int(stats.stdout.strip())
+        except ValueError:
+            raise RuntimeError(f"{mode}: cannot read memcached's stats after the warm-up: {stats.stderr[-300:]}")
+        events["memcached_bytes_after_warmup"] = held
+        if held < 0.9 * args.warmup_mb * (1 << 20):
+            raise RuntimeError(f"{mode}: memcached holds {held} bytes after a {args.warmup_mb} MiB warm-up "
+                               f"(load log: {open(load_log.name).read()[-400:]})")
         first = open(load_csv).read().splitlines()[1].split(",")
         t0 = float(first[-1]) - float(first[0])  # wall clock of the timed run's start
         events["load_start_unix"] = t0
