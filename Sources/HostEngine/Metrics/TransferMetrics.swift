@@ -29,12 +29,15 @@ public final class TransferMetrics: Sendable {
     /// Wall-clock times (seconds, CLOCK_REALTIME — the clock QMP event timestamps use) of the first faults, so a
     /// migration can count exactly the faults that came before QEMU's RESUME event.
     private let earlyFaults = Mutex<[Double]>([])
+    /// Faults recorded so far (read without the lock, so the fault path stops paying for it once full).
+    private let earlyFaultCount = Atomic<Int>(0)
     public static let earlyFaultLimit = 4096
 
     public init() {}
 
     /// Called by the fault path for every fault; keeps the first `earlyFaultLimit` times.
     public func recordFaultTime() {
+        guard earlyFaultCount.add(1, ordering: .relaxed).oldValue < Self.earlyFaultLimit else { return }
         earlyFaults.withLock {
             guard $0.count < Self.earlyFaultLimit else { return }
             var ts = timespec()

@@ -235,15 +235,11 @@ public enum Migration {
         return pages
     }
 
-    /// Where a guest-physical address lives in the RAM file on q35: RAM below 4 GiB is at the same offset,
-    /// up to 2 GiB when the guest has 2.75 GiB or more (QEMU's pc_q35 lowmem rule), the rest is above
-    /// 4 GiB and follows in the file. Nil for addresses that are not RAM (the PCI hole).
+    /// Where a guest-physical address lives in the RAM file (q35 layout, see GuestRAMLayout); nil outside RAM.
     static func ramOffset(guestPhysical gpa: UInt64, regionPages: UInt64) -> UInt64? {
-        let ramBytes = regionPages << PageGeometry.shift
-        let lowmem: UInt64 = ramBytes >= 0xB000_0000 ? 0x8000_0000 : ramBytes
-        if gpa < lowmem { return gpa }
-        if gpa >= 1 << 32, gpa - (1 << 32) < ramBytes - lowmem { return lowmem + (gpa - (1 << 32)) }
-        return nil
+        GuestRAMLayout(regionPages: regionPages)
+            .pageIndex(GuestFrameNumber(rawValue: gpa >> PageGeometry.shift))
+            .map { ($0.rawValue << PageGeometry.shift) | (gpa & (PageGeometry.size - 1)) }
     }
 
     /// Both sides on this host, over loopback.
