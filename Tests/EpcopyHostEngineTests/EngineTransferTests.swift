@@ -324,3 +324,65 @@ extension EngineTransferTests {
         withExtendedLifetime(targetFD) {}
     }
 }
+
+extension EngineTransferTests {
+    /// The push claims a zero-content page for a zeroPages message; before that message arrives (it waits on the
+    /// shaped link behind a bulk frame), the guest faults on the page and the request reaches the source, which
+    /// rightly sends nothing (the page is claimed). The zeroPages message must then wake the fault. (Found in a
+    /// real migration: the vCPU hung for the rest of the run and the guest agent could not answer.)
+    @Test func aFaultOnAPageAlreadyQueuedAsZeroIsWokenByTheZeroMessage() throws {
+        let pages: UInt64 = 8192  // data, 2048 zero-content pages, then 16 MiB more data (2 s on this link)
+        let seed: UInt64 = 0x2E51
+        let zeroed = PageSet<PageIndex>(try PageRange(start: PageIndex(rawValue: 2048), count: 2048))
+        let target: UInt64 = 2048  // the first zero page: in the first zero message the push queues
+        let source = try TestRAMFile("src-zrace", size: Int(pages * 4096))
+        try source.fillPattern(seed: seed, holes: PageSet())
+        let fd = open(source.path, O_RDWR | O_CLOEXEC)
+        let zeros = [UInt8](repeating: 0, count: 4096)
+        for page in zeroed.pages { _ = pwrite(fd, zeros, 4096, off_t(page.rawValue * 4096)) }
+        close(fd)
+        let dst = try TestRAMFile("dst-zrace", size: Int(pages * 4096))
+        let dstFD = try FileDescriptor.open(dst.path, O_RDWR)
+        let memory = try DestinationMemory.registerOwn(file: dstFD, length: Int(pages * 4096))
+        let destination = DestinationEngine(memory: memory, options: DestinationOptions(sessionID: 13))
+        let base = try #require(destination.ownMappingAddress)
+        let listenerBox = ListenerBox(try TCP.listen(on: Endpoint(host: "127.0.0.1", port: 0)))
+        let endpoint = listenerBox.listener.endpoint
+        let dstRun = Background("dst") { try destination.run(listener: listenerBox.listener) }
+        // 8 MB/s and 300 ms one way: the zero message arrives at least 300 ms after the push queued it, while the
+        // request (the destination's direction is not shaped) reaches the source at once.
+        let engine = try SourceEngine(ramFile: source.path, options: SourceOptions(
+            sessionID: 13, vmName: "t", link: LinkSpec(bytesPerSecond: 8_000_000, delayNanos: 300_000_000),
+            prefetchPages: 0))
+        let srcRun = Background("src") { try engine.run(destination: endpoint) }
+        let start = Date()
+        while engine.pagesSentAsZero == 0, Date().timeIntervalSince(start) < 20 { usleep(200) }
+        #expect(engine.pagesSentAsZero > 0)
+        let faultsBefore = destination.metrics.faults.load(ordering: .relaxed)
+        let woken = WokenFlag()
+        let toucher = Background("touch") { () -> Bool in
+            let ok = MemoryCompare.isZeroPage(UnsafeRawPointer(bitPattern: base + UInt(target * 4096))!)
+            woken.set()
+            return ok
+        }
+        let touched = Date()
+        // The zero message arrives ~0.3 s after the push queued it; the transfer goes on for 2 s more. (Before the
+        // fix the fault was woken only when the transfer ended and guest memory was unregistered.)
+        while !woken.isSet, Date().timeIntervalSince(touched) < 1.5 { usleep(1000) }
+        #expect(woken.isSet, "the fault on a page queued as zero was not woken by the zero message")
+        #expect(destination.metrics.faults.load(ordering: .relaxed) > faultsBefore, "the touch did not fault")
+        _ = try dstRun.value()
+        _ = try srcRun.value()
+        #expect(try toucher.value() == true)
+        let comparison = MemoryCompare.comparePattern(actual: UnsafeRawPointer(bitPattern: base)!, pages: pages,
+                                                      seed: seed, zero: zeroed)
+        #expect(comparison.mismatchedPages == 0, "\(comparison.firstMismatches)")
+        withExtendedLifetime(dstFD) {}
+    }
+}
+
+private final class WokenFlag: Sendable {
+    private let flag = Atomic<Bool>(false)
+    func set() { flag.store(true, ordering: .releasing) }
+    var isSet: Bool { flag.load(ordering: .acquiring) }
+}

@@ -277,6 +277,13 @@ public final class DestinationEngine: @unchecked Sendable {
     public func markFree(_ free: PageSet<PageIndex>) {
         let newly = pages.markZero(free)
         if !newly.isEmpty { pages.freedNotPresent.withLock { $0.formUnion(newly) } }
+        do { try zeroFillWaiting(in: newly) } catch { fail(error) }
+    }
+
+    /// Pages just marked zero whose faults already went out as requests: the source will send nothing for
+    /// them (it claimed them for its zero message, or drops them as free), so fill and wake them here.
+    private func zeroFillWaiting(in marked: PageSet<PageIndex>) throws(PeerError) {
+        for page in pending.take(in: marked) { try zeroFill(page) }
     }
 
     /// Tells the source the guest's free scan is in (after `markFree` with its pages) — or that none will come
@@ -331,6 +338,11 @@ public final class DestinationEngine: @unchecked Sendable {
     /// since has come through a fault.
     private func zeroFillIfWaiting(_ page: UInt64) throws(PeerError) {
         guard !pending.resolve(start: page, count: 1).isEmpty else { return }
+        try zeroFill(page)
+    }
+
+    /// Maps a zero page at `page`, whose fault is waiting and has been taken out of `pending`; wakes it.
+    private func zeroFill(_ page: UInt64) throws(PeerError) {
         let address = memory.hostAddress + UInt((page - memory.firstPage) << PageGeometry.shift)
         var done: Int64 = 0
         let rc = epc_uffd_zeropage(memory.uffd.rawValue, UInt64(address), PageGeometry.size, 0, &done)
@@ -348,7 +360,8 @@ public final class DestinationEngine: @unchecked Sendable {
         case .targetGone:
             throw .unexpected("the process that owns guest memory is gone")
         }
-        Trace.log("destination: page \(page) was requested, then reported free: zero-filled")
+        pages.present.insert(page)
+        Trace.log("destination: page \(page) was requested, then marked zero: zero-filled")
     }
 
     private func copy(first: UInt64, count: UInt64, from source: UnsafeRawPointer,
@@ -579,7 +592,7 @@ public final class DestinationEngine: @unchecked Sendable {
             switch message {
             case .zeroPages(let set):
                 let t0 = monotonicNanos()
-                _ = pages.markZero(set)
+                try zeroFillWaiting(in: pages.markZero(set))
                 Trace.log("destination: \(set.count) zero pages marked in \((monotonicNanos() - t0) / 1000) us")
             case .done:
                 sourceDone = true

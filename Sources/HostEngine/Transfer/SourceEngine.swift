@@ -123,6 +123,9 @@ public final class SourceEngine: @unchecked Sendable {
         metrics.bulkPages.load(ordering: .relaxed) + metrics.urgentPages.load(ordering: .relaxed)
     }
 
+    /// Pages sent as zero ranges so far (claimed and queued), for progress displays.
+    public var pagesSentAsZero: UInt64 { zeroContentPages.load(ordering: .relaxed) }
+
     /// Lets the bulk push go beyond the device class (see `holdBulkUntilReleased`).
     public func releaseBulk() { bulkReleased.store(true, ordering: .releasing) }
     /// CPU seconds of the engine's own threads (not the process: a test or benchmark shares it).

@@ -45,6 +45,18 @@ public final class PendingFaults: Sendable {
             return times
         }
     }
+
+    /// Removes and returns the waiting pages that lie in `set` (pages just marked zero: nothing will be sent
+    /// for them, so whoever takes them must zero-fill and wake).
+    public func take(in set: PageSet<PageIndex>) -> [UInt64] {
+        guard size.load(ordering: .relaxed) > 0, !set.isEmpty else { return [] }
+        return waiting.withLock { w in
+            let pages = w.keys.filter { set.contains(PageIndex(rawValue: $0)) }
+            for page in pages { w[page] = nil }
+            size.store(w.count, ordering: .relaxed)
+            return pages
+        }
+    }
 }
 
 /// Requests from the fault thread to the urgent loop: a page list and an eventfd to wake the ring.
@@ -220,8 +232,22 @@ public final class FaultService: @unchecked Sendable {
             pages.present.insert(page)
             return nil
         }
+        guard pending.add(page: page, at: now) else { return nil }
+        // The page may have been marked zero between the check above and `add` (a zeroPages message or the
+        // free report, on another thread). The marker then looks at `pending` after setting the bit, and this
+        // thread looks at the bit after `add`: whichever comes second finds the other (the pending set is
+        // behind one lock), and only the one that takes the page from it fills it. Without this, the source
+        // — which already claimed the page for its zero message — never answers, and the vCPU waits forever.
+        if pages.zero.contains(page), !pending.resolve(start: page, count: 1).isEmpty {
+            metrics.faultsZeroFilled.add(1, ordering: .relaxed)
+            var result = try zeroPage(address)
+            while case .retry = result { result = try zeroPage(address) }
+            if case .alreadyPresent = result { try wake(address) }
+            pages.present.insert(page)
+            return nil
+        }
         Trace.log("fault: page \(page) requested")
-        return pending.add(page: page, at: now) ? page : nil
+        return page
     }
 
     private func zeroPage(_ address: UInt) throws(SyscallError) -> Userfaultfd.Placement {
