@@ -145,3 +145,56 @@ extension AgentMigrationTests {
         #expect(!source.isRunning)
     }
 }
+
+extension AgentMigrationTests {
+    /// The daemon's background hot report: a keeper asks every second; the migration starts from its latest report
+    /// without asking the agent at the switch, and still verifies. A kept report past the age limit is not used:
+    /// the switch asks for a new one and says so.
+    @Test func aKeptHotReportSparesTheSwitchItsScan() throws {
+        var vm = try GuestFixture.bootedGuest("agent-kept-\(getpid())",
+                                              append: "console=ttyS0 quiet epcopy.memtest_mib=64 epcopy.seed=9")
+        defer { vm.kill(); vm.teardown() }
+        let keeper = HotReportKeeper(socketPath: vm.config.agentSocket, regionPages: vm.config.regionPages,
+                                     everyMillis: 1000)
+        let start = Date()
+        while keeper.counts.reports < 2, Date().timeIntervalSince(start) < 30 { usleep(50_000) }
+        #expect(keeper.counts.reports >= 2, "keeper: \(keeper.counts)")
+        let stopStart = Date()
+        let kept = try #require(keeper.stop())
+        #expect(Date().timeIntervalSince(stopStart) < 1, "stopping the keeper took too long")
+        #expect(kept.pages.contains { $0.0 == .kernel && !$0.1.isEmpty })
+
+        var options = MigrationOptions(mode: .enlightened, verify: true, preloadLibrary: GuestFixture.preload)
+        options.keptHotReport = kept
+        options.freshReportBudgetMillis = 0  // use the kept report as is (a responsive agent would win otherwise)
+        let (result, next) = try Migration.run(source: vm, options: options)
+        vm = next
+        print("with a kept hot report: \(result)")
+        #expect(result.enlightened == true, "notes: \(result.agentNotes ?? [])")
+        #expect(result.mismatchedPages == 0)
+        #expect(result.guestVerdict == "OK")
+        let age = try #require(result.agentReportAgeMillis)
+        #expect(age >= 0 && age < 30_000)
+        #expect((result.agentReportMillis ?? .infinity) < 50, "the switch still waited for the agent")
+        #expect((result.pagesByClass?["kernel"] ?? 0) > 0)
+
+        // Too old: asked again at the switch.
+        options.hotReportMaxAgeMillis = 0
+        let (again, last) = try Migration.run(source: vm, options: options)
+        vm = last
+        #expect(again.mismatchedPages == 0)
+        #expect(again.agentReportAgeMillis == nil)
+        #expect((again.agentNotes ?? []).contains { $0.contains("asked for a new one") }, "\(again.agentNotes ?? [])")
+        #expect(again.enlightened == true)
+
+        // A fresh report within the budget wins over a kept one; the kept one is there if the agent is slow.
+        options.hotReportMaxAgeMillis = 30_000
+        options.freshReportBudgetMillis = 3000
+        options.keptHotReport = kept
+        let (fresh, after) = try Migration.run(source: vm, options: options)
+        vm = after
+        #expect(fresh.mismatchedPages == 0)
+        #expect(fresh.agentReportAgeMillis == nil, "the kept report was used: \(fresh.agentNotes ?? [])")
+        #expect(fresh.enlightened == true)
+    }
+}

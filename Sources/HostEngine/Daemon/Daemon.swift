@@ -17,6 +17,9 @@ public struct DaemonOptions: Sendable {
     /// Prefix for this daemon's files (/dev/shm, /tmp), so that two daemons can share one machine.
     public var instance: String
     public var link: LinkSpec
+    /// Each VM's guest agent is asked for a hot report this often in the background, so a migration uses a
+    /// recent one instead of waiting for a scan (0: ask only when migrating).
+    public var hotReportEveryMillis: UInt64 = 10_000
 
     public init(listen: Endpoint, key: [UInt8], preloadLibrary: String, vmDeadlineSeconds: Double = 3600,
                 instance: String? = nil, link: LinkSpec = .unshaped) {
@@ -34,6 +37,7 @@ public final class Daemon: @unchecked Sendable {
     public let options: DaemonOptions
     private let vms = Mutex<[String: QEMUProcess]>([:])
     private let busy = Mutex<Set<String>>([])
+    private let keepers = Mutex<[String: HotReportKeeper]>([:])
 
     public init(options: DaemonOptions) { self.options = options }
 
@@ -54,7 +58,23 @@ public final class Daemon: @unchecked Sendable {
             defer { v.removeAll() }
             return Array(v.values)
         }
+        for keeper in keepers.withLock({ k in defer { k.removeAll() }; return Array(k.values) }) { _ = keeper.stop() }
         for vm in all { vm.kill(); vm.teardown() }
+    }
+
+    /// Starts keeping VM `name`'s hot report fresh (see HotReportKeeper).
+    private func keepHotReport(_ name: String, _ vm: QEMUProcess) {
+        guard options.hotReportEveryMillis > 0 else { return }
+        let keeper = HotReportKeeper(socketPath: vm.config.agentSocket, regionPages: vm.config.regionPages,
+                                     everyMillis: options.hotReportEveryMillis)
+        if let old = keepers.withLock({ k -> HotReportKeeper? in defer { k[name] = keeper }; return k[name] }) {
+            _ = old.stop()
+        }
+    }
+
+    /// Stops keeping VM `name`'s hot report; returns the latest.
+    private func stopKeeping(_ name: String) -> KeptHotReport? {
+        keepers.withLock { $0.removeValue(forKey: name) }?.stop()
     }
 
     func log(_ text: String) {
@@ -90,6 +110,7 @@ public final class Daemon: @unchecked Sendable {
         case "vm.stop":
             let name = try Self.name(request)
             guard let vm = vms.withLock({ $0.removeValue(forKey: name) }) else { throw ControlError.remote("no VM \(name) here") }
+            _ = stopKeeping(name)
             vm.kill()
             vm.teardown()
             return ["ok": true]
@@ -138,6 +159,7 @@ public final class Daemon: @unchecked Sendable {
             throw ControlError.remote("start VM \(name): \(error)")
         }
         vms.withLock { $0[name] = vm }
+        keepHotReport(name, vm)
         log("started VM \(name) (pid \(vm.pid), \(spec.memoryMiB) MiB)")
         return ["ok": true, "name": name, "pid": Int(vm.pid), "ram_file": config.ramFile]
     }
@@ -162,10 +184,15 @@ public final class Daemon: @unchecked Sendable {
         guard let toText = request["to"] as? String, let to = Endpoint(toText) else {
             throw ControlError.remote("to must be IPv4-ADDRESS:PORT")
         }
-        let migration = try migrationOptions(request)
+        var migration = try migrationOptions(request)
         guard let vm = vms.withLock({ $0[name] }), vm.isRunning else { throw ControlError.remote("no running VM \(name) here") }
         guard busy.withLock({ $0.insert(name).inserted }) else { throw ControlError.remote("\(name) is already migrating") }
         defer { _ = busy.withLock { $0.remove(name) } }
+        // The agent port is the migration's from here on; the latest background report goes with it.
+        let kept = stopKeeping(name)
+        if migration.mode == .enlightened, migration.useAgent { migration.keptHotReport = kept }
+        var switched = false
+        defer { if !switched, vm.isRunning { keepHotReport(name, vm) } }
 
         // Prepare the destination first: if it cannot start, nothing happens here.
         let peer = try ControlChannel.connect(to)
@@ -201,6 +228,7 @@ public final class Daemon: @unchecked Sendable {
             }
             throw ControlError.remote("migration of \(name) failed: \(error)")
         }
+        switched = true
         vms.withLock { _ = $0.removeValue(forKey: name) }
         let outcomeObject = try JSONSerialization.jsonObject(with: JSONEncoder().encode(outcome))
         try peer.send(["op": "finish", "source": outcomeObject])
@@ -238,6 +266,7 @@ public final class Daemon: @unchecked Sendable {
         let result = Migration.combine(source: source, destination: outcome, destinationSide: destination,
                                        options: migration)
         vms.withLock { $0[name] = destination.qemu }
+        keepHotReport(name, destination.qemu)
         log("received \(name): downtime \(String(format: "%.1f", result.downtimeMillis)) ms, "
             + "\(result.mismatchedPages) mismatched pages, guest \(result.guestVerdict)")
         return ["result": try JSONSerialization.jsonObject(with: JSONEncoder().encode(result))]

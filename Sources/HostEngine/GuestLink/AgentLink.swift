@@ -20,6 +20,8 @@ public enum AgentLinkError: Error, CustomStringConvertible, Equatable {
     /// The agent sent more than a well-behaved one ever would.
     case flood(String)
     case agentFailed(code: UInt16, message: String)
+    /// The caller gave up (`AgentLink.cancelled`), e.g. a background keeper stopped for a migration.
+    case cancelled
 
     public var description: String {
         switch self {
@@ -28,6 +30,7 @@ public enum AgentLinkError: Error, CustomStringConvertible, Equatable {
         case .closed(let what): "the agent port closed while waiting for \(what)"
         case .flood(let why): "guest agent flood: \(why)"
         case .agentFailed(let code, let message): "the guest agent failed (code \(code)): \(message)"
+        case .cancelled: "the request was cancelled"
         }
     }
 }
@@ -53,6 +56,8 @@ public final class AgentLink: @unchecked Sendable {
     public let limits: AgentLinkLimits
     /// Things the agent did wrong that were survived (rejected frames, frames outside RAM), for the output.
     public private(set) var complaints: [String] = []
+    /// Checked about every 100 ms while waiting for an answer; true ends the wait with `.cancelled`.
+    public var cancelled: (@Sendable () -> Bool)?
     private let fd: FileDescriptor
     private var buffer: [UInt8] = []
     private var nextRequest: UInt32 = 1
@@ -136,6 +141,7 @@ public final class AgentLink: @unchecked Sendable {
         let context = AgentDecodeContext(maxFrame: layout.frameLimit, maxRAMRanges: 1024,
                                          maxRangesPerSet: limits.maxRangesPerSet)
         while true {
+            if let cancelled, cancelled() { throw .cancelled }
             while let message = nextMessage(context: context) {
                 messages += 1
                 if let found = match(message) { return found }
@@ -152,7 +158,7 @@ public final class AgentLink: @unchecked Sendable {
                 if let e = lastAgentError { throw .agentFailed(code: e.code, message: e.message) }
                 throw .timeout(waitingFor: what, millis: timeoutMillis)
             }
-            let wait = Int32(min((deadline - now) / 1_000_000 + 1, 1000))
+            let wait = Int32(min((deadline - now) / 1_000_000 + 1, cancelled == nil ? 1000 : 100))
             let received = chunk.withUnsafeMutableBytes { raw in
                 Result { () throws(SyscallError) in try TCP.receive(fd.rawValue, into: raw, timeoutMillis: wait) }
             }

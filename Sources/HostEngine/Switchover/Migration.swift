@@ -51,8 +51,10 @@ public struct MigrationResult: Sendable, Codable {
     public var enlightened: Bool?
     public var pagesByClass: [String: UInt64]?
     public var pagesSkippedFree: UInt64?
-    /// Source: asking for and receiving the hot report.
+    /// Source: how long the switch waited for the hot report (asking and receiving it; ~0 for a kept one).
     public var agentReportMillis: Double?
+    /// Source: age of the hot report at the switch when a daemon kept it in the background (nil: asked then).
+    public var agentReportAgeMillis: Double?
     /// Destination: from RESUME's notice to the agent to having its free report.
     public var freeScanMillis: Double?
     public var pagesReportedFree: UInt64?
@@ -81,6 +83,7 @@ public struct MigrationResult: Sendable, Codable {
         case pagesByClass = "pages_by_class"
         case pagesSkippedFree = "pages_skipped_free"
         case agentReportMillis = "agent_report_ms"
+        case agentReportAgeMillis = "agent_report_age_ms"
         case freeScanMillis = "free_scan_ms"
         case pagesReportedFree = "pages_reported_free"
         case agentNotes = "agent_notes"
@@ -110,6 +113,7 @@ public struct MigrationResult: Sendable, Codable {
         try c.encode(pagesByClass, forKey: .pagesByClass)
         try c.encode(pagesSkippedFree, forKey: .pagesSkippedFree)
         try c.encode(agentReportMillis, forKey: .agentReportMillis)
+        try c.encode(agentReportAgeMillis, forKey: .agentReportAgeMillis)
         try c.encode(freeScanMillis, forKey: .freeScanMillis)
         try c.encode(pagesReportedFree, forKey: .pagesReportedFree)
         try c.encode(agentNotes, forKey: .agentNotes)
@@ -161,6 +165,14 @@ public struct MigrationOptions: Sendable {
     public var freeScanTimeoutMillis: UInt64 = 10_000
     /// Observation window for the hot report (used where the guest kernel has idle page tracking).
     public var hotWindowMillis: UInt32 = 0
+    /// A hot report taken in the background (`HotReportKeeper`, the daemon's `--hot-report-every`): used instead
+    /// of asking at the switch if it is at most `hotReportMaxAgeMillis` old.
+    public var keptHotReport: KeptHotReport?
+    public var hotReportMaxAgeMillis: UInt64 = 30_000
+    /// With a kept report in hand, the switch still asks the agent for a fresh one but waits at most this long:
+    /// a responsive guest gives a current picture (pages freed since the kept report are then held back with the
+    /// believed-free ones instead of pushed early), a busy one costs only this much. 0: use the kept one as is.
+    public var freshReportBudgetMillis: UInt64 = 500
 
     public init(mode: MigrationMode, verify: Bool = true, link: LinkSpec = .unshaped, preloadLibrary: String,
                 settleSeconds: Double = 3, authKey: [UInt8]? = nil) {
@@ -290,7 +302,8 @@ public enum Migration {
             guestVerdict: verdict, guestCounterBefore: source.counterBefore, guestCounterAfter: counterAfter,
             enlightened: options.mode == .enlightened ? (source.hotReport ?? false) || (scan?.answered ?? false) : nil,
             pagesByClass: source.pagesByClass, pagesSkippedFree: source.pagesSkippedFree,
-            agentReportMillis: source.agentReportMillis, freeScanMillis: scan?.answered == true ? scan?.millis : nil,
+            agentReportMillis: source.agentReportMillis, agentReportAgeMillis: source.agentReportAgeMillis,
+            freeScanMillis: scan?.answered == true ? scan?.millis : nil,
             pagesReportedFree: scan?.answered == true ? scan?.free.count : nil,
             agentNotes: options.mode == .enlightened ? (source.agentNotes ?? []) + (scan?.notes ?? []) : nil,
             stopUnixSeconds: source.stopTimestamp, resumeUnixSeconds: destination.resumeTimestamp)

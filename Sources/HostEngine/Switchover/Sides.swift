@@ -89,8 +89,10 @@ public struct SourceOutcome: Sendable, Codable {
     public var sourceDigests: [UInt32]?
     /// The source agent's hot report arrived (enlightened mode).
     public var hotReport: Bool? = nil
-    /// From asking the source agent to having its hot report.
+    /// From asking the source agent to having its hot report (what the switch waited for it).
     public var agentReportMillis: Double? = nil
+    /// Age of a kept hot report at the switch (nil: the report was asked for at the switch).
+    public var agentReportAgeMillis: Double? = nil
     public var agentNotes: [String]? = nil
     public var pagesByClass: [String: UInt64]? = nil
     /// Pages the destination's free scan removed from the push.
@@ -291,7 +293,7 @@ public enum SourceSide {
 
         var sourceEngine: SourceEngine?
         var sourceThread: JoinableThread?
-        var agent = (hot: false, millis: nil as Double?, notes: [String]())
+        var agent = (hot: false, millis: nil as Double?, age: nil as Double?, notes: [String]())
         var engineReport: SourceReport?
         let sourceResult = Mutex<Result<SourceReport, PeerError>?>(nil)
         let sourceDone = Atomic<UInt64>(0)
@@ -402,6 +404,7 @@ public enum SourceSide {
         if mode == .enlightened {
             outcome.hotReport = agent.hot
             outcome.agentReportMillis = agent.millis
+            outcome.agentReportAgeMillis = agent.age
             outcome.agentNotes = agent.notes
             outcome.pagesByClass = engineReport?.pagesByClass
             outcome.pagesSkippedFree = engineReport?.pagesFree
@@ -410,35 +413,57 @@ public enum SourceSide {
         return outcome
     }
 
-    /// Asks the source agent for its hot report. Any failure — no agent installed, a silent or lying one —
-    /// only means plain external post-copy: the classes are push order, never correctness.
+    /// The source agent's hot report: the one a keeper took in the background if it is fresh enough, else asked
+    /// for now. Any failure — no agent installed, a silent or lying one — only means plain external post-copy:
+    /// the classes are push order, never correctness.
     static func hotReport(source: QEMUProcess, regionPages: UInt64, options: MigrationOptions)
-        -> (outcome: (hot: Bool, millis: Double?, notes: [String]), classes: [(PushClass, PageSet<PageIndex>)]) {
+        -> (outcome: (hot: Bool, millis: Double?, age: Double?, notes: [String]),
+            classes: [(PushClass, PageSet<PageIndex>)]) {
         let start = monotonicNanos()
         var notes: [String] = []
-        var classes: [(PushClass, PageSet<PageIndex>)] = []
-        var hot = false
-        do {
-            let link = try AgentLink(socketPath: source.config.agentSocket, layout: GuestRAMLayout(regionPages: regionPages))
-            defer { notes += link.complaints.map { "source agent: \($0)" } }
-            _ = try link.hello(timeoutMillis: min(options.agentTimeoutMillis, 1500))
-            let (_, pages) = try link.hotReport(windowMillis: options.hotWindowMillis,
-                                                timeoutMillis: options.agentTimeoutMillis)
-            for (pageClass, set) in pages {
-                let pushClass: PushClass = switch pageClass {
-                case .kernel: .kernel
-                case .recent: .recent
-                case .inUse: .inUse
-                case .believedFree: .believedFree
-                }
-                classes.append((pushClass, set))
-            }
-            hot = true
-        } catch {
-            notes.append("source: \(error)")
+        var pages: [(PageClass, PageSet<PageIndex>)]?
+        var age: Double?
+        var kept = options.keptHotReport
+        if let k = kept, k.ageMillis > Double(options.hotReportMaxAgeMillis) {
+            notes.append("source: the kept hot report was \(Int(k.ageMillis)) ms old (limit \(options.hotReportMaxAgeMillis)); "
+                         + "asked for a new one")
+            kept = nil
         }
+        // With a usable kept report, a fresh one is worth only a short wait.
+        let budget = kept == nil ? options.agentTimeoutMillis : min(options.freshReportBudgetMillis, options.agentTimeoutMillis)
+        if budget > 0 {
+            do {
+                let link = try AgentLink(socketPath: source.config.agentSocket,
+                                         layout: GuestRAMLayout(regionPages: regionPages))
+                defer { notes += link.complaints.map { "source agent: \($0)" } }
+                let deadline = monotonicNanos() + budget * 1_000_000
+                _ = try link.hello(timeoutMillis: min(budget, 1500))
+                let left = max(deadline &- monotonicNanos(), 1_000_000) / 1_000_000
+                pages = try link.hotReport(windowMillis: options.hotWindowMillis,
+                                           timeoutMillis: kept == nil ? options.agentTimeoutMillis : left).pages
+            } catch {
+                notes.append(kept == nil ? "source: \(error)"
+                             : "source: no fresh hot report within \(budget) ms (\(error)); used the kept one")
+            }
+        }
+        if pages == nil, let k = kept {
+            pages = k.pages
+            age = k.ageMillis
+            notes += k.complaints.map { "source agent: \($0)" }
+        }
+        var classes: [(PushClass, PageSet<PageIndex>)] = []
+        for (pageClass, set) in pages ?? [] {
+            let pushClass: PushClass = switch pageClass {
+            case .kernel: .kernel
+            case .recent: .recent
+            case .inUse: .inUse
+            case .believedFree: .believedFree
+            }
+            classes.append((pushClass, set))
+        }
+        let hot = pages != nil
         let millis = Double(monotonicNanos() - start) / 1e6
-        return ((hot, hot ? millis : nil, notes), classes)
+        return ((hot, hot ? millis : nil, age, notes), classes)
     }
 }
 
