@@ -22,7 +22,9 @@ struct BenchMigrate: ParsableCommand {
     @Option(help: "Comma-separated modes.") var modes = "enlightened,postcopy,precopy"
     @Option(help: "Guest RAM, e.g. 2GiB or 1024 (MiB).") var guestMem = "2GiB"
     @Option(help: "Link rate (tc tbf), e.g. 1gbit or 10gbit; default unshaped.") var rate: String?
-    @Option(help: "cpu, membw or none (net: not built yet).") var contention = "cpu"
+    @Option(help: """
+        The neighbour on host A: cpu (busy loops), membw (memcpy streams), net (bulk TCP to host B over the         migration's link; pair it with --rate) or none.
+        """) var contention = "cpu"
     @Option(help: "Seconds of measured load.") var duration: Double = 60
     @Option(help: "Start the neighbour this many seconds into the load.") var contentionAt: Double = 10
     @Option(help: "Migrate this many seconds into the load.") var migrateAt: Double = 20

@@ -106,10 +106,33 @@ class Hosts:
         return self.exec(i, [self.epcopy] + args + ["--daemon", f"{self.ip[i]}:7470", "--key-file", self.key])
 
 
-def neighbour_cmd(args, seconds, out):
-    return ["taskset", "-c", "0", sys.executable, os.path.join(REPO, "Workloads/loadgen/neighbour.py"),
-            "--kind", args.contention, "--procs", str(args.neighbour_procs), "--duration", str(seconds),
-            "--interval-ms", str(args.interval_ms), "--out", out]
+NET_SINK_PORT = 7480
+
+
+def neighbour_cmd(args, seconds, out, hosts):
+    """The noisy neighbour on host A's CPU. `net`: a bulk TCP sender to a sink on host B over the same veth as the
+    migration (the sink is started per mode by `net_sink`)."""
+    cmd = ["taskset", "-c", "0", sys.executable, os.path.join(REPO, "Workloads/loadgen/neighbour.py"),
+           "--kind", args.contention, "--procs", str(args.neighbour_procs), "--duration", str(seconds),
+           "--interval-ms", str(args.interval_ms), "--out", out]
+    if args.contention == "net":
+        cmd += ["--to", f"{hosts.ip[1]}:{NET_SINK_PORT}"]
+    return cmd
+
+
+def net_sink(hosts, out):
+    """The far end of the net neighbour: reads and discards, in host B's namespace on CPU 1."""
+    log_file = open(os.path.join(out, "net-sink.log"), "w")
+    p = subprocess.Popen(hosts.exec(1, ["taskset", "-c", "1", sys.executable,
+                                        os.path.join(REPO, "Workloads/loadgen/neighbour.py"), "--kind", "sink",
+                                        "--listen", f"{hosts.ip[1]}:{NET_SINK_PORT}"]),
+                         stdout=log_file, stderr=subprocess.STDOUT)
+    deadline = time.time() + 10
+    while "listening" not in open(log_file.name).read():
+        if p.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"the net neighbour's sink did not start: {open(log_file.name).read()[-300:]}")
+        time.sleep(0.05)
+    return p
 
 
 def mean_rate(csv_path):
@@ -126,9 +149,10 @@ def run_mode(args, hosts, mode, out):
               "contention_start_unix": None, "switch_unix": None, "stop_unix": None, "resume_unix": None}
 
     # 1. The neighbour alone on host A's CPU.
+    sink = net_sink(hosts, out) if args.contention == "net" else None
     if args.contention != "none":
         base = os.path.join(out, "neighbour-baseline.csv")
-        run(hosts.exec(0, neighbour_cmd(args, 3, base)))
+        run(hosts.exec(0, neighbour_cmd(args, 3, base, hosts)))
         events["neighbour_baseline"] = mean_rate(base)
         log(f"{mode}: neighbour alone: {events['neighbour_baseline']:.1f} units/s")
 
@@ -194,7 +218,7 @@ def run_mode(args, hosts, mode, out):
             time.sleep(max(0.0, t0 + args.contention_at - time.time()))
             events["contention_start_unix"] = time.time()
             neighbour = subprocess.Popen(hosts.exec(0, neighbour_cmd(
-                args, max(1, args.duration - args.contention_at), os.path.join(out, "neighbour.csv"))),
+                args, max(1, args.duration - args.contention_at), os.path.join(out, "neighbour.csv"), hosts)),
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
         # 5. Migration, and the client follows the VM the moment it answers on host B.
@@ -243,7 +267,7 @@ def run_mode(args, hosts, mode, out):
             neighbour.wait(timeout=60)
         run(hosts.cli(1, ["vm", "stop", vm]), check=False)
     finally:
-        for p in (load, neighbour):
+        for p in (load, neighbour, sink):
             if p and p.poll() is None:
                 p.kill()
                 p.wait()
@@ -283,8 +307,6 @@ def main():
     if args.workload == "cassandra":
         p.error("--workload cassandra: Cassandra is not installable on this machine (not in Debian; PyPI has "
                 "only drivers); the profile is not built")
-    if args.contention == "net":
-        p.error("--contention net: not built yet (cpu, membw, none)")
     modes = [m for m in args.modes.split(",") if m]
     for m in modes:
         if m not in MODES:

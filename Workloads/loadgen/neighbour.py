@@ -7,6 +7,12 @@
               256 MiB): memoryview copies of one half onto the other in 16 MiB
               chunks (memcpy: read + write, far larger than any cache);
               1 work unit = 1 MiB copied.
+--kind net    each process keeps one TCP connection to --to HOST:PORT and
+              sends 256 KiB writes as fast as the link takes them (a bulk
+              transfer sharing the source host's link with the migration);
+              1 work unit = 1 MiB handed to the kernel. The other end is
+              `neighbour.py --kind sink --listen HOST:PORT`, which reads and
+              discards (run it on the far host; it runs until killed).
 
 --procs N processes (multiprocessing, so they contend for cores with QEMU and
 the load generator). Each adds to its own slot of a shared counter array; the
@@ -61,17 +67,70 @@ def membw_worker(slot, counts, stop, ready, buffer_mb):
         src, dst = dst, src
 
 
+NET_WRITE = 256 << 10
+
+
+def net_worker(slot, counts, stop, ready, target):
+    import socket
+    host, port = target.rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=10)
+    s.settimeout(0.5)
+    data = bytes(NET_WRITE)
+    ready.release()
+    sent = 0
+    while not stop.is_set():
+        try:
+            sent += s.send(data)
+        except socket.timeout:
+            continue
+        except OSError:
+            break
+        while sent >= 1 << 20:
+            counts[slot] += 1
+            sent -= 1 << 20
+    s.close()
+
+
+def sink(listen):
+    import socket
+    import threading
+    host, port = listen.rsplit(":", 1)
+    srv = socket.create_server((host, int(port)), reuse_port=False, backlog=16)
+    print(f"neighbour: sink listening on {listen}", flush=True)
+
+    def drain(conn):
+        with conn:
+            while conn.recv(1 << 20):
+                pass
+
+    while True:
+        conn, _ = srv.accept()
+        threading.Thread(target=drain, args=(conn,), daemon=True).start()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kind", choices=["cpu", "membw"], required=True)
+    p.add_argument("--kind", choices=["cpu", "membw", "net", "sink"], required=True)
     p.add_argument("--procs", type=int, default=1)
     p.add_argument("--duration", type=float, default=30.0)
     p.add_argument("--interval-ms", type=float, default=250.0)
     p.add_argument("--buffer-mb", type=int, default=256, help="membw: per-process buffer")
+    p.add_argument("--to", help="net: HOST:PORT of a sink")
+    p.add_argument("--listen", help="sink: HOST:PORT to accept neighbour connections on")
     p.add_argument("--out", help="CSV file")
     a = p.parse_args()
     if a.procs < 1 or a.interval_ms <= 0:
         p.error("bad --procs/--interval-ms")
+    if a.kind == "sink":
+        if not a.listen:
+            p.error("--kind sink needs --listen HOST:PORT")
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        try:
+            sink(a.listen)
+        except KeyboardInterrupt:
+            return 0
+    if a.kind == "net" and not a.to:
+        p.error("--kind net needs --to HOST:PORT (a `--kind sink` on the far host)")
 
     ctx = mp.get_context("fork")
     counts = ctx.Array("q", a.procs, lock=False)  # one slot per worker: no lock needed
@@ -81,6 +140,8 @@ def main():
     for i in range(a.procs):
         if a.kind == "cpu":
             pr = ctx.Process(target=cpu_worker, args=(i, counts, stop, ready), daemon=True)
+        elif a.kind == "net":
+            pr = ctx.Process(target=net_worker, args=(i, counts, stop, ready, a.to), daemon=True)
         else:
             pr = ctx.Process(target=membw_worker, args=(i, counts, stop, ready, a.buffer_mb), daemon=True)
         pr.start()
@@ -127,7 +188,7 @@ def main():
     if out:
         out.close()
     el = last_t - t0
-    unit = "10k-iteration loops" if a.kind == "cpu" else "MiB copied"
+    unit = {"cpu": "10k-iteration loops", "membw": "MiB copied", "net": "MiB sent"}[a.kind]
     print(f"neighbour: {a.kind} x{a.procs}: {(last - first) / el if el > 0 else 0:.1f} units/s mean "
           f"({unit}) over {el:.1f} s, {done} intervals", flush=True)
     return 0
