@@ -187,18 +187,22 @@ class Load:
                 # trip: QEMU's user-networking hostfwd listens with a backlog
                 # of 1 and accepts in its main loop, so a second SYN sent
                 # before it has accepted the first is dropped (1 s retransmit).
+                # An attempt still waiting when the target file changes is given up at once: after a
+                # migration the old address (a paused QEMU) never answers, and waiting out the timeout
+                # there would add seconds to every measured outage.
                 async with self.connect_lock:
-                    r, w = await asyncio.wait_for(
-                        asyncio.open_connection(host, port, limit=1 << 20),
-                        max(self.timeout, 3.0))
-                    try:
-                        w.write(b"version\r\n")
-                        line = await asyncio.wait_for(r.readline(), max(self.timeout, 3.0))
-                        if not line.startswith(b"VERSION"):
-                            raise ConnectionError(f"version: {line[:40]!r}")
-                    except BaseException:
-                        w.transport.abort()
-                        raise
+                    attempt = asyncio.ensure_future(self.handshake(host, port))
+                    while True:
+                        done, _ = await asyncio.wait({attempt}, timeout=0.05)
+                        if done:
+                            break
+                        self.target.reload()
+                        if gen != self.target.gen or self.stop:
+                            attempt.cancel()
+                            break
+                    if attempt.cancelled():
+                        continue
+                    r, w = attempt.result()
                 c = Conn(r, w, gen, text)
                 if gen != self.target.gen:  # changed while connecting
                     c.abort()
@@ -215,6 +219,19 @@ class Load:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 0.5)
         return None
+
+    async def handshake(self, host, port):
+        """Open a connection and confirm it with a `version` round trip."""
+        r, w = await asyncio.wait_for(asyncio.open_connection(host, port, limit=1 << 20), max(self.timeout, 3.0))
+        try:
+            w.write(b"version\r\n")
+            line = await asyncio.wait_for(r.readline(), max(self.timeout, 3.0))
+            if not line.startswith(b"VERSION"):
+                raise ConnectionError(f"version: {line[:40]!r}")
+        except BaseException:
+            w.transport.abort()
+            raise
+        return r, w
 
     def drop(self, c):
         if c is not None:
