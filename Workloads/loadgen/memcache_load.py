@@ -192,15 +192,19 @@ class Load:
                 # there would add seconds to every measured outage.
                 async with self.connect_lock:
                     attempt = asyncio.ensure_future(self.handshake(host, port))
-                    while True:
-                        done, _ = await asyncio.wait({attempt}, timeout=0.05)
-                        if done:
-                            break
+                    given_up = False
+                    while not attempt.done():
+                        await asyncio.wait({attempt}, timeout=0.05)
                         self.target.reload()
-                        if gen != self.target.gen or self.stop:
+                        if not attempt.done() and (gen != self.target.gen or self.stop):
                             attempt.cancel()
+                            given_up = True
                             break
-                    if attempt.cancelled():
+                    if given_up:
+                        try:
+                            await attempt
+                        except BaseException:
+                            pass
                         continue
                     r, w = attempt.result()
                 c = Conn(r, w, gen, text)
