@@ -18,7 +18,7 @@ build: deps
 test: deps guest images
 	$(SWIFT) build --build-tests
 	$(SWIFT) test --skip-build --disable-xctest --no-parallel
-	python3 -m unittest Workloads/bench/test_report.py
+	python3 -m unittest Workloads/bench/test_report.py Workloads/loadgen/test_sysbench_load.py
 
 # Benchmarks are programs, not tests: run in release mode and read the numbers.
 bench-codec: deps
@@ -52,8 +52,8 @@ images: agent guest
 	@EPCOPY_AGENT=$(CURDIR)/$(AGENT_BIN) Workloads/images/build.sh
 .PHONY: images
 
-# The workload benchmark at one setting (memcached; MySQL is not built yet): results, table and plots into
-# docs/results/. Takes ~10 minutes on 2 cores. BENCH_ARGS adds or overrides harness options.
+# The workload benchmark at one setting (memcached; the MySQL profile: Workloads/mysql/README.md): results, table
+# and plots into docs/results/. Takes ~10 minutes on 2 cores. BENCH_ARGS adds or overrides harness options.
 bench: deps images
 	$(SWIFT) build -c release
 	.build/release/epcopy bench migrate --workload memcached --guest-mem 2GiB --contention cpu --duration 60 \

@@ -16,19 +16,20 @@ struct BenchMigrate: ParsableCommand {
             --migrate-at, keep measuring to --duration. Writes OUT/<workload>-<mode>/ (load.csv, \
             neighbour.csv, migrate.json, events.json), OUT/summary.{json,md} and OUT/throughput.{png,svg}. \
             Results: downtime, T_release, bytes on the wire, time to resolve contention, recovery time, \
-            ops lost. Needs root. Workloads: memcached (mysql: not built yet; cassandra: not installable here).
+            ops lost. Needs root. Workloads: memcached; mysql (MariaDB + sysbench oltp_read_write on the image's \
+            dataset, read into the buffer pool first; needs sysbench and mariadb-client on the host); cassandra: not \
+            installable here.
             """)
     @Option(help: "memcached, mysql or cassandra.") var workload = "memcached"
     @Option(help: "Comma-separated modes.") var modes = "enlightened,postcopy,precopy"
     @Option(help: "Guest RAM, e.g. 2GiB or 1024 (MiB).") var guestMem = "2GiB"
     @Option(help: "Link rate (tc tbf), e.g. 1gbit or 10gbit; default unshaped.") var rate: String?
-    @Option(help: """
-        The neighbour on host A: cpu (busy loops), membw (memcpy streams), net (bulk TCP to host B over the         migration's link; pair it with --rate) or none.
-        """) var contention = "cpu"
+    @Option(help: ArgumentHelp("The neighbour on host A: cpu (busy loops), membw (memcpy streams), net (bulk TCP to host B "
+        + "over the migration's link; pair it with --rate) or none.")) var contention = "cpu"
     @Option(help: "Seconds of measured load.") var duration: Double = 60
     @Option(help: "Start the neighbour this many seconds into the load.") var contentionAt: Double = 10
     @Option(help: "Migrate this many seconds into the load.") var migrateAt: Double = 20
-    @Option(help: "Workload fill in MiB (default: a quarter of guest RAM).") var warmupMb: Int?
+    @Option(help: "memcached fill, MiB (default: a quarter of guest RAM); mysql: set by the image.") var warmupMb: Int?
     @Flag(help: "Verify memory (enlightened: every page against the source at STOP).") var verify = false
     @Option(help: "Output directory.") var out: String
     @OptionGroup var output: OutputOptions

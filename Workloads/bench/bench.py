@@ -6,9 +6,10 @@ tc tbf), one `epcopy serve` in each, host A pinned to CPU 0 and host B to CPU 1 
 
   1. measures the noisy neighbour alone on host A's CPU (its uncontended rate),
   2. boots the benchmark image (Workloads/images) on host A from a fresh qcow2 overlay on shared storage,
-     memcached forwarded from host A's address,
-  3. warms memcached up, then runs the load generator (in host B's namespace, CPU 1) for --duration s,
-     following the VM through a target file,
+     the workload's server (memcached, or MariaDB for mysql) forwarded from host A's address,
+  3. warms the workload up (memcached: --warmup-mb of values; mysql: the image's sysbench dataset read into
+     the InnoDB buffer pool) and checks with the server that it holds the data, then runs the load generator
+     (in host B's namespace, CPU 1) for --duration s, following the VM through a target file,
   4. starts the neighbour on host A's CPU at --contention-at s (the contention),
   5. migrates the VM to host B at --migrate-at s with `epcopy migrate --json`, and points the client at
      host B the moment the guest answers there,
@@ -33,10 +34,6 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
-WORKLOADS = {
-    # name: (guest port, readiness line on the console, kernel args)
-    "memcached": (11211, "epcopy-bench: memcached up", "epcopy.mariadb=0"),
-}
 MODES = ("enlightened", "postcopy", "precopy")
 
 
@@ -141,12 +138,115 @@ def mean_rate(csv_path):
     return sum(rates) / len(rates) if rates else None
 
 
+class Memcached:
+    """Workloads/memcached: --warmup-mb MiB of values stored, then memcache_load.py (gets and sets)."""
+    name, port, ready_line, probe_kind, connections = "memcached", 11211, "epcopy-bench: memcached up", "memcached", 8
+
+    def configure(self, p, args):
+        if args.warmup_mb is None:
+            args.warmup_mb = args.guest_mem // 4
+        args.memcached_mb = max(64, int(args.warmup_mb * 1.5))
+        if args.memcached_mb > args.guest_mem * 0.8:
+            p.error(f"--warmup-mb {args.warmup_mb} does not fit a {args.guest_mem} MiB guest")
+
+    def kernel_args(self, args):
+        return f"epcopy.memcached_mb={args.memcached_mb} epcopy.mariadb=0"
+
+    def load_cmd(self, args, target, csv):
+        return [sys.executable, os.path.join(REPO, "Workloads/loadgen/memcache_load.py"), "--target-file", target,
+                "--connections", str(args.connections), "--warmup-mb", str(args.warmup_mb),
+                "--duration", str(args.duration), "--interval-ms", str(args.interval_ms), "--timeout-ms", "500",
+                "--out", csv]
+
+    def check_warmup(self, args, hosts, mode, events, load_log):
+        """The warm-up must really have filled memcached (a fill that silently lost data would make every
+        number after it meaningless): ask memcached itself."""
+        stats = run(hosts.exec(1, [sys.executable, "-c",
+                                   "import socket\n"
+                                   f"s=socket.create_connection(('{hosts.ip[0]}',{self.port}),timeout=5)\n"
+                                   "s.sendall(b'stats\\r\\n'); d=b''\n"
+                                   "while not d.endswith(b'END\\r\\n'): d+=s.recv(65536)\n"
+                                   "print([l.split()[2] for l in d.decode().splitlines() if l.startswith('STAT bytes ')][0])"]),
+                    check=False)
+        try:
+            held = int(stats.stdout.strip())
+        except ValueError:
+            raise RuntimeError(f"{mode}: cannot read memcached's stats after the warm-up: {stats.stderr[-300:]}")
+        events["memcached_bytes_after_warmup"] = held
+        if held < 0.9 * args.warmup_mb * (1 << 20):
+            raise RuntimeError(f"{mode}: memcached holds {held} bytes after a {args.warmup_mb} MiB warm-up "
+                               f"(load log: {open(load_log).read()[-400:]})")
+
+
+class MySQL:
+    """Workloads/mysql: MariaDB with the sysbench dataset the image was built with (out/dataset.txt), read into
+    the InnoDB buffer pool, then sysbench oltp_read_write through sysbench_load.py (ops = transactions)."""
+    name, port, ready_line, probe_kind, connections = "mysql", 3306, "epcopy-bench: mariadb up", "mysql", 4
+
+    def configure(self, p, args):
+        if args.warmup_mb is not None:
+            p.error("--warmup-mb: the MySQL dataset is fixed when the image is built (EPCOPY_SYSBENCH_TABLES, "
+                    "EPCOPY_SYSBENCH_TABLE_SIZE; see Workloads/mysql/README.md)")
+        for tool, package in (("sysbench", "sysbench"), ("mariadb", "mariadb-client")):
+            if not shutil.which(tool):
+                p.error(f"--workload mysql needs {tool}: apt-get install {package} (or make deps)")
+        path = os.path.join(os.path.dirname(os.path.abspath(args.image)), "dataset.txt")
+        try:
+            with open(path) as f:
+                ds = dict(l.strip().split("=", 1) for l in f if "=" in l)
+            args.dataset = {k: int(ds[k]) for k in ("tables", "table_size", "data_bytes")}
+        except (OSError, KeyError, ValueError) as e:
+            p.error(f"{path}: {e}: the image has no sysbench dataset; rebuild it (make images)")
+        data_mib = args.dataset["data_bytes"] / (1 << 20)
+        if args.innodb_mb is None:  # the dataset plus room for the pages the load's inserts add, 64 MiB steps
+            args.innodb_mb = max(128, -(-int(data_mib * 1.25) // 64) * 64)
+        if args.innodb_mb < data_mib:
+            p.error(f"--innodb-mb {args.innodb_mb} cannot hold the {data_mib:.0f} MiB dataset")
+        if args.innodb_mb > args.guest_mem - 384:
+            p.error(f"--innodb-mb {args.innodb_mb} does not fit a {args.guest_mem} MiB guest (keep 384 MiB for the "
+                    "rest)")
+
+    def kernel_args(self, args):
+        return f"epcopy.memcached=0 epcopy.innodb_mb={args.innodb_mb}"
+
+    def load_cmd(self, args, target, csv):
+        return [sys.executable, os.path.join(REPO, "Workloads/loadgen/sysbench_load.py"), "--target-file", target,
+                "--threads", str(args.connections), "--tables", str(args.dataset["tables"]),
+                "--table-size", str(args.dataset["table_size"]), "--warmup", "--duration", str(args.duration),
+                "--interval-ms", str(args.interval_ms), "--out", csv]
+
+    def check_warmup(self, args, hosts, mode, events, load_log):
+        """The warm-up must really have read the dataset into the buffer pool: ask MariaDB for the pages it holds
+        and the dataset's size in pages."""
+        query = ("SELECT (SELECT variable_value FROM information_schema.global_status "
+                 "WHERE variable_name = 'INNODB_BUFFER_POOL_PAGES_DATA'), "
+                 "(SELECT SUM(data_length + index_length) DIV @@innodb_page_size FROM information_schema.tables "
+                 "WHERE table_schema = 'sbtest')")
+        res = run(hosts.exec(1, ["mariadb", "-h", hosts.ip[0], "-P", str(self.port), "-u", "sbtest", "-psbtest",
+                                 "--connect-timeout=10", "-N", "-B", "-e", query, "sbtest"]), check=False)
+        try:
+            held, pages = (int(x) for x in res.stdout.split())
+        except ValueError:
+            raise RuntimeError(f"{mode}: cannot read MariaDB's buffer pool status after the warm-up: "
+                               f"{res.stdout[-200:]} {res.stderr[-300:]}")
+        events.update(innodb_mb=args.innodb_mb, dataset_bytes=args.dataset["data_bytes"], dataset_pages=pages,
+                      innodb_pages_after_warmup=held)
+        if held < 0.9 * pages:
+            raise RuntimeError(f"{mode}: the InnoDB buffer pool holds {held} pages after the warm-up, the dataset has "
+                               f"{pages} (load log: {open(load_log).read()[-400:]})")
+
+
+WORKLOADS = {w.name: w for w in (Memcached(), MySQL())}
+
+
 def run_mode(args, hosts, mode, out):
-    port, ready_line, extra_args = WORKLOADS[args.workload]
+    wl = WORKLOADS[args.workload]
+    port, ready_line = wl.port, wl.ready_line
     os.makedirs(out, exist_ok=True)
     events = {"workload": args.workload, "mode": mode, "guest_mem_mib": args.guest_mem, "rate": args.rate or "none",
               "contention": args.contention, "interval_ms": args.interval_ms, "neighbour_baseline": None,
-              "contention_start_unix": None, "switch_unix": None, "stop_unix": None, "resume_unix": None}
+              "contention_start_unix": None, "switch_unix": None, "stop_unix": None, "resume_unix": None,
+              "connections": args.connections}
 
     # 1. The neighbour alone on host A's CPU.
     sink = net_sink(hosts, out) if args.contention == "net" else None
@@ -161,7 +261,7 @@ def run_mode(args, hosts, mode, out):
     run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", args.image, overlay])
     vm = "bench"
     append = (f"console=ttyS0 quiet root=/dev/vda rw epcopy.ip=10.0.2.15/24 epcopy.gw=10.0.2.2 "
-              f"epcopy.memcached_mb={args.memcached_mb} {extra_args}")
+              f"{wl.kernel_args(args)}")
     load = neighbour = None
     try:
         run(hosts.cli(0, ["vm", "start", vm, "--memory", str(args.guest_mem), "--kernel", args.kernel,
@@ -182,32 +282,13 @@ def run_mode(args, hosts, mode, out):
         os.replace(target + ".tmp", target)
         load_csv = os.path.join(out, "load.csv")
         load_log = open(os.path.join(out, "load.log"), "w")
-        load = subprocess.Popen(hosts.exec(1, [
-            "taskset", "-c", "1", sys.executable, os.path.join(REPO, "Workloads/loadgen/memcache_load.py"),
-            "--target-file", target, "--connections", str(args.connections), "--warmup-mb", str(args.warmup_mb),
-            "--duration", str(args.duration), "--interval-ms", str(args.interval_ms), "--timeout-ms", "500",
-            "--out", load_csv]), stdout=load_log, stderr=subprocess.STDOUT)
+        load = subprocess.Popen(hosts.exec(1, ["taskset", "-c", "1"] + wl.load_cmd(args, target, load_csv)),
+                                stdout=load_log, stderr=subprocess.STDOUT)
         while not (os.path.exists(load_csv) and len(open(load_csv).read().splitlines()) >= 2):
             if load.poll() is not None:
                 raise RuntimeError(f"{mode}: the load generator exited: {open(load_log.name).read()[-800:]}")
             time.sleep(0.05)
-        # The warm-up must really have filled memcached (a fill that silently lost data would make every
-        # number after it meaningless): ask memcached itself.
-        stats = run(hosts.exec(1, [sys.executable, "-c",
-                                   "import socket\n"
-                                   f"s=socket.create_connection(('{hosts.ip[0]}',{port}),timeout=5)\n"
-                                   "s.sendall(b'stats\\r\\n'); d=b''\n"
-                                   "while not d.endswith(b'END\\r\\n'): d+=s.recv(65536)\n"
-                                   "print([l.split()[2] for l in d.decode().splitlines() if l.startswith('STAT bytes ')][0])"]),
-                    check=False)
-        try:
-            held = int(stats.stdout.strip())
-        except ValueError:
-            raise RuntimeError(f"{mode}: cannot read memcached's stats after the warm-up: {stats.stderr[-300:]}")
-        events["memcached_bytes_after_warmup"] = held
-        if held < 0.9 * args.warmup_mb * (1 << 20):
-            raise RuntimeError(f"{mode}: memcached holds {held} bytes after a {args.warmup_mb} MiB warm-up "
-                               f"(load log: {open(load_log.name).read()[-400:]})")
+        wl.check_warmup(args, hosts, mode, events, load_log.name)
         first = open(load_csv).read().splitlines()[1].split(",")
         t0 = float(first[-1]) - float(first[0])  # wall clock of the timed run's start
         events["load_start_unix"] = t0
@@ -227,21 +308,30 @@ def run_mode(args, hosts, mode, out):
         done = threading.Event()
 
         def follow():
-            while not done.is_set():
-                probe = run(hosts.exec(1, [sys.executable, "-c",
-                                           "import socket,sys\n"
-                                           "try:\n"
-                                           f" s=socket.create_connection(('{hosts.ip[1]}',{port}),timeout=0.2)\n"
-                                           " s.settimeout(0.2); s.sendall(b'version\\r\\n')\n"
-                                           " sys.exit(0 if s.recv(64).startswith(b'VERSION') else 1)\n"
-                                           "except OSError: sys.exit(1)\n"]), check=False)
-                if probe.returncode == 0:
-                    with open(target + ".tmp", "w") as f:
-                        f.write(f"{hosts.ip[1]}:{port}\n")
-                    os.replace(target + ".tmp", target)
-                    events["switch_unix"] = time.time()
+            # One probe process for the whole wait (probe.py): memcached answers `version`, MariaDB sends its
+            # handshake packet. Short attempts: one that connected to host B's port forward before the guest ran
+            # there waits for an answer that may never come on that connection (with probe.py's 1 s default a
+            # mysql run switched 0.96 s after RESUME).
+            probe = subprocess.Popen(hosts.exec(1, [
+                sys.executable, os.path.join(HERE, "probe.py"), "--kind", wl.probe_kind, "--to",
+                f"{hosts.ip[1]}:{port}", "--attempt-ms", "300", "--timeout-s", str(args.duration + 120)]),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                while not done.is_set():
+                    try:
+                        rc = probe.wait(timeout=0.05)
+                    except subprocess.TimeoutExpired:
+                        continue
+                    if rc == 0:
+                        with open(target + ".tmp", "w") as f:
+                            f.write(f"{hosts.ip[1]}:{port}\n")
+                        os.replace(target + ".tmp", target)
+                        events["switch_unix"] = time.time()
                     return
-                time.sleep(0.05)
+            finally:
+                if probe.poll() is None:
+                    probe.kill()
+                probe.wait()
 
         follower = threading.Thread(target=follow, daemon=True)
         follower.start()
@@ -290,8 +380,12 @@ def main():
     p.add_argument("--duration", type=float, default=60, help="seconds of measured load")
     p.add_argument("--contention-at", type=float, default=10)
     p.add_argument("--migrate-at", type=float, default=20)
-    p.add_argument("--warmup-mb", type=int, default=None, help="memcached fill (default: 25 %% of guest RAM)")
-    p.add_argument("--connections", type=int, default=8)
+    p.add_argument("--warmup-mb", type=int, default=None,
+                   help="memcached fill (default: 25 %% of guest RAM); mysql: the image's dataset, not settable")
+    p.add_argument("--connections", type=int, default=None,
+                   help="client connections (memcached: 8; mysql: 4 sysbench threads)")
+    p.add_argument("--innodb-mb", type=int, default=None,
+                   help="mysql: InnoDB buffer pool, MiB (default: 1.25 x the dataset, in 64 MiB steps)")
     p.add_argument("--interval-ms", type=int, default=250)
     p.add_argument("--verify", action="store_true", help="verify memory (enlightened: every page at STOP)")
     p.add_argument("--out", required=True)
@@ -302,8 +396,6 @@ def main():
     p.add_argument("--initrd", default=os.path.join(REPO, "Workloads/images/out/initrd.img"))
     args = p.parse_args()
 
-    if args.workload == "mysql":
-        p.error("--workload mysql: not built yet (the image has MariaDB; the sysbench driver is the next step)")
     if args.workload == "cassandra":
         p.error("--workload cassandra: Cassandra is not installable on this machine (not in Debian; PyPI has "
                 "only drivers); the profile is not built")
@@ -319,11 +411,10 @@ def main():
                        (args.epcopy, "swift build -c release")):
         if not os.path.exists(path):
             p.error(f"{path} is missing: run `{what}`")
-    if args.warmup_mb is None:
-        args.warmup_mb = args.guest_mem // 4
-    args.memcached_mb = max(64, int(args.warmup_mb * 1.5))
-    if args.memcached_mb > args.guest_mem * 0.8:
-        p.error(f"--warmup-mb {args.warmup_mb} does not fit a {args.guest_mem} MiB guest")
+    wl = WORKLOADS[args.workload]
+    if args.connections is None:
+        args.connections = wl.connections
+    wl.configure(p, args)
 
     os.makedirs(args.out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="epcopy-bench-")

@@ -81,9 +81,17 @@ THRESHOLD = 0.9
 CONSECUTIVE = 2
 EPS = 1e-6
 
+# What one "op" of a load.csv row is, where it is not a request (the plots' and the table's unit).
+UNITS = {"mysql": ("transactions/s", "transactions",
+                   "an op is one sysbench oltp_read_write transaction (18 SQL statements)")}
+
 FIELDS = ["workload", "mode", "downtime_ms", "t_release_ms", "bytes_wire",
           "pre_rate_ops", "recovery_s", "contention_resolved_s", "ops_lost",
           "outage_s", "mismatched_pages", "guest_verdict"]
+
+
+def unit(workload):
+    return UNITS.get(workload, ("ops/s", None))[0]
 
 
 def warn(msg):
@@ -374,8 +382,14 @@ def markdown(results, mods):
         " point (→ end of the load run if never recovered); intervals straddling M count pro rata.",
         "- outage s: longest run of consecutive intervals with 0 ops among those ending after M.",
     ]
-    pr = [f"{r['mode']} {fmt(r['pre_rate_ops'])}" for r in results]
-    lines.append("- pre_rate (ops/s): " + ", ".join(pr) + ".")
+    units = {unit(r["workload"]) for r in results}
+    pr = [f"{r['mode']} {fmt(r['pre_rate_ops'], 1 if (r['pre_rate_ops'] or 0) < 100 else 0)}"
+          + ("" if len(units) == 1 else f" {unit(r['workload'])}") for r in results]
+    lines.append(f"- pre_rate ({units.pop() if len(units) == 1 else 'per workload'}): " + ", ".join(pr) + ".")
+    for w in sorted({r["workload"] for r in results}):
+        if w in UNITS:
+            rate, count, note = UNITS[w]
+            lines.append(f"- {w}: {note}; rates are {rate}, ops lost are {count}.")
     lines.append("")
     keys = ["workload", "guest_mem_mib", "rate", "contention", "interval_ms", "neighbour_baseline"]
     settings = {}
@@ -445,7 +459,7 @@ def make_plots(out_dir, mods, results):
             origin = d["load"][0].start if d["load"] else num(d["events"].get("migration_start_unix")) or 0.0
         p = {"mode": d["mode"], "title": f"{d['workload']} {d['mode']}: downtime {fmt_ms(r['downtime_ms'])} ms,"
              f" T_release {fmt_ms(r['t_release_ms'])} ms", "load": None, "nb": None,
-             "ymax": 0.0, "y2max": 0.0, "events": [], "pre": r["pre_rate_ops"],
+             "ymax": 0.0, "y2max": 0.0, "events": [], "pre": r["pre_rate_ops"], "unit": unit(d["workload"]),
              "base": r.get("neighbour_baseline")}
         tag = safe(d["name"])
         if d["load"]:
@@ -498,7 +512,7 @@ def make_plots(out_dir, mods, results):
         L += ["  unset arrow", "  unset label",
               f"  set title {gp_str(p['title'])}",
               f"  set yrange [0:{ymax:.3f}]",
-              "  set ylabel \"workload ops/s\""]
+              f"  set ylabel \"workload {p['unit']}\""]
         if p["nb"]:
             y2max = p["y2max"] * 1.5 if p["y2max"] > 0 else 1.0
             L += [f"  set y2range [0:{y2max:.3f}]", "  set y2tics", "  set ytics nomirror",
@@ -518,7 +532,8 @@ def make_plots(out_dir, mods, results):
                      f"{THRESHOLD * p['base']:.3f} nohead lc rgb \"#ff7f0e\" dt 3 lw 0.8 back")
         plots = []
         if p["load"]:
-            plots.append(f"{gp_str(p['load'])} using 1:2 with steps lw 2 lc rgb \"#1f77b4\" title \"workload ops/s\"")
+            plots.append(f"{gp_str(p['load'])} using 1:2 with steps lw 2 lc rgb \"#1f77b4\" "
+                         f"title \"workload {p['unit']}\"")
         if p["nb"]:
             plots.append(f"{gp_str(p['nb'])} using 1:2 axes x1y2 with steps lw 1 lc rgb \"#ff7f0e\" "
                          "title \"neighbour units/s\"")

@@ -216,5 +216,25 @@ class ReportTest(unittest.TestCase):
         self.assertNotIn("memcached-postcopy-neighbour.dat", dats)
 
 
+class UnitTest(unittest.TestCase):
+    """A mysql run: an op is a transaction, and the table and the plot say so."""
+
+    def test_mysql_unit(self):
+        with tempfile.TemporaryDirectory(prefix="report-test-") as out:
+            d = os.path.join(out, "mysql-enlightened")
+            os.makedirs(d)
+            ev = events("enlightened", workload="mysql", contention="none", migration_start_unix=1010.0,
+                        stop_unix=1010.5, resume_unix=1010.55, switch_unix=1010.6, migration_end_unix=1011.0)
+            with open(os.path.join(d, "events.json"), "w") as f:
+                json.dump(ev, f)
+            write_load(os.path.join(d, "load.csv"), [4] * 80)  # 16 transactions/s
+            proc = subprocess.run([sys.executable, REPORT, out], capture_output=True, text=True, timeout=120)
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+            self.assertIn("- pre_rate (transactions/s): enlightened 16.0.", proc.stdout)
+            self.assertIn("- mysql: an op is one sysbench oltp_read_write transaction", proc.stdout)
+            with open(os.path.join(out, "throughput.gp")) as f:
+                self.assertIn('set ylabel "workload transactions/s"', f.read())
+
+
 if __name__ == "__main__":
     unittest.main()

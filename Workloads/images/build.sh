@@ -7,11 +7,15 @@
 #                   switch_roots to /sbin/epcopy-init
 #   out/kernel.txt  which kernel package the initrd's modules come from (boot
 #                   with Workloads/guest/out/vmlinux, built from the same package)
+#   out/dataset.txt the sysbench dataset in the image's MariaDB (database sbtest:
+#                   tables, rows per table, bytes), read by the MySQL benchmark
 # Cached in out/.cache: the debootstrap tree (out/.cache/rootfs) is rebuilt only
 # when its recipe (build_rootfs below, the package list, the mirror) changes;
-# a new init script or agent only re-runs mkfs.ext4 (seconds). A no-op run
-# prints nothing. EPCOPY_AGENT: the static agent binary (default: the repo's
+# the dataset only when the tree or its size changes; a new init script or
+# agent only re-runs mkfs.ext4 (seconds). A no-op run prints nothing.
+# EPCOPY_AGENT: the static agent binary (default: the repo's
 # .build/static/release/epcopy-agent). EPCOPY_IMAGE_MB: image size (1024).
+# EPCOPY_SYSBENCH_TABLES / EPCOPY_SYSBENCH_TABLE_SIZE: the dataset (4 x 300000 rows).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -39,7 +43,10 @@ IMAGE_MB=${EPCOPY_IMAGE_MB:-1024}
 # ask the crypto API for "crc32c", which nothing can modprobe in the initrd:
 # load crc32c_generic first (crc32c-intel needs SSE4.2, which TCG's default CPU lacks).
 WANT_MODULES=(virtio_pci virtio_blk crc32c_generic ext4 virtio_net virtio_console virtio_balloon)
-BUILD_PKGS=(debootstrap busybox-static e2fsprogs xz-utils zstd cpio binutils)
+# sysbench (the host's) prepares the dataset against the chroot's mariadbd over loopback TCP.
+BUILD_PKGS=(debootstrap busybox-static e2fsprogs xz-utils zstd cpio binutils sysbench)
+SB_TABLES=${EPCOPY_SYSBENCH_TABLES:-4}
+SB_TABLE_SIZE=${EPCOPY_SYSBENCH_TABLE_SIZE:-300000}
 
 START=$SECONDS
 BUILT=()
@@ -151,6 +158,44 @@ CNF
     [[ -d "$CACHE/rootfs" ]] && mv "$CACHE/rootfs" "$CACHE/rootfs.old"
     mv "$r" "$CACHE/rootfs"
     rm -rf "$CACHE/rootfs.old"
+}
+
+# ---- the sysbench dataset, prepared in place in the rootfs's MariaDB datadir -----------
+# sysbench oltp_read_write's tables sbtest1..N, as `sysbench prepare` makes them, so the benchmark only
+# has to read them into the buffer pool (preparing them in the guest under TCG takes ~8 k rows/s).
+# mariadbd runs in the chroot listening on a free loopback port; the host's sysbench fills it.
+build_dataset() {
+    local r="$CACHE/rootfs" port pid rc=0 sock=/var/lib/mysql/epcopy-build.sock
+    port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    rm -f "$OUT/dataset.txt" "$r/var/lib/mysql/ib_buffer_pool"
+    log "dataset: sysbench prepare ${SB_TABLES} x ${SB_TABLE_SIZE} rows (mariadbd on 127.0.0.1:$port)"
+    in_chroot "$r" /bin/sh -ec "install -d -o mysql -g mysql /run/mysqld
+        exec mariadbd --user=mysql --bind-address=127.0.0.1 --port=$port --socket=$sock \
+            --innodb-buffer-pool-size=512M --innodb-flush-log-at-trx-commit=2 \
+            --innodb-buffer-pool-dump-at-shutdown=OFF --innodb-buffer-pool-load-at-startup=OFF" >>"$LOG" 2>&1 &
+    pid=$!
+    sql() { in_chroot "$r" mariadb --socket="$sock" -N -B -e "$1"; }
+    for _ in $(seq 300); do sql 'select 1' >/dev/null 2>&1 && break; sleep 0.2; done
+    {
+        sql "DROP DATABASE IF EXISTS sbtest; CREATE DATABASE sbtest;" &&
+        sysbench oltp_read_write --mysql-host=127.0.0.1 --mysql-port="$port" --mysql-user=sbtest \
+            --mysql-password=sbtest --mysql-db=sbtest --tables="$SB_TABLES" --table-size="$SB_TABLE_SIZE" \
+            --threads="$SB_TABLES" --rand-seed=1 prepare &&
+        sql "ANALYZE TABLE $(seq -s, -f 'sbtest.sbtest%.0f' 1 "$SB_TABLES")" &&
+        sql "SELECT CONCAT('data_bytes=', SUM(data_length + index_length)) FROM information_schema.tables
+             WHERE table_schema = 'sbtest'" >"$CACHE/dataset.bytes"
+    } >>"$LOG" 2>&1 || rc=$?
+    sql 'shutdown' >>"$LOG" 2>&1 || kill "$pid" 2>/dev/null || true
+    wait "$pid" || true
+    rm -f "$r/var/lib/mysql/ib_buffer_pool" "$r/var/lib/mysql/epcopy-build.sock"
+    ((rc == 0)) || return "$rc"
+    {
+        echo "tables=$SB_TABLES"
+        echo "table_size=$SB_TABLE_SIZE"
+        cat "$CACHE/dataset.bytes"
+        echo "sysbench=$(sysbench --version | awk '{ print $2 }')"
+    } >"$OUT/.dataset.txt.tmp"
+    mv -f "$OUT/.dataset.txt.tmp" "$OUT/dataset.txt"
 }
 
 # ---- the image: rootfs + init + agent -> mkfs.ext4 -d ------------------------------
@@ -274,13 +319,23 @@ fi
 
 ROOTFS_KEY=$(hash_str "$SUITE" "$MIRROR" "${GUEST_PKGS[*]}" "$(declare -f build_rootfs in_chroot)")
 if ! key_matches rootfs "$ROOTFS_KEY" || [[ ! -d "$CACHE/rootfs/var/lib/mysql/sbtest" ]]; then
-    rm -f "$CACHE/image.key"
+    rm -f "$CACHE/image.key" "$CACHE/dataset.key"
     build_rootfs
     key_store rootfs "$ROOTFS_KEY"
     BUILT+=(rootfs)
 fi
 
-IMAGE_KEY=$(hash_str "$ROOTFS_KEY" "$(hash_of "$HERE/epcopy-init.sh" "$AGENT")" "$IMAGE_MB" \
+DATASET_KEY=$(hash_str "$ROOTFS_KEY" "$SB_TABLES" "$SB_TABLE_SIZE" "$(dpkg-query -W -f='${Version}' sysbench)" \
+    "$(declare -f build_dataset)")
+if ! key_matches dataset "$DATASET_KEY" || [[ ! -f "$OUT/dataset.txt" ]] ||
+    [[ ! -f "$CACHE/rootfs/var/lib/mysql/sbtest/sbtest$SB_TABLES.ibd" ]]; then
+    rm -f "$CACHE/image.key" "$CACHE/dataset.key"
+    build_dataset
+    key_store dataset "$DATASET_KEY"
+    BUILT+=(dataset)
+fi
+
+IMAGE_KEY=$(hash_str "$DATASET_KEY" "$(hash_of "$HERE/epcopy-init.sh" "$AGENT")" "$IMAGE_MB" \
     "$(dpkg-query -W -f='${Version}' e2fsprogs)" "$(declare -f build_image)")
 if ! key_matches image "$IMAGE_KEY" || [[ ! -f "$OUT/bench.img" ]]; then
     build_image
