@@ -30,6 +30,9 @@ struct BenchMigrate: ParsableCommand {
     @Option(help: "Start the neighbour this many seconds into the load.") var contentionAt: Double = 10
     @Option(help: "Migrate this many seconds into the load.") var migrateAt: Double = 20
     @Option(help: "memcached fill, MiB (default: a quarter of guest RAM); mysql: set by the image.") var warmupMb: Int?
+    @Option(help: ArgumentHelp("The guest writes and frees this much memory (MiB) at boot, before the workload "
+        + "starts, so its free memory is dirty as in a guest that has run for a while (default 0: never touched).",
+        valueName: "MiB")) var dirtyFreeMb = 0
     @Flag(help: "Verify memory (enlightened: every page against the source at STOP).") var verify = false
     @Option(help: "Output directory.") var out: String
     @OptionGroup var output: OutputOptions
@@ -43,6 +46,7 @@ struct BenchMigrate: ParsableCommand {
                     "--epcopy", URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path]
         if let rate { args += ["--rate", rate] }
         if let warmupMb { args += ["--warmup-mb", String(warmupMb)] }
+        if dirtyFreeMb > 0 { args += ["--dirty-free-mb", String(dirtyFreeMb)] }
         if verify { args.append("--verify") }
         if output.json { args.append("--json") }
         let process = Process()

@@ -391,7 +391,7 @@ def markdown(results, mods):
             rate, count, note = UNITS[w]
             lines.append(f"- {w}: {note}; rates are {rate}, ops lost are {count}.")
     lines.append("")
-    keys = ["workload", "guest_mem_mib", "rate", "contention", "interval_ms", "neighbour_baseline"]
+    keys = ["workload", "guest_mem_mib", "dirty_free_mib", "rate", "contention", "interval_ms", "neighbour_baseline"]
     settings = {}
     for d in mods:
         for k in keys:

@@ -7,6 +7,9 @@
 #   epcopy.innodb_mb=512                        MariaDB's InnoDB buffer pool, MiB (holds
 #                                               the image's sysbench dataset, out/dataset.txt)
 #   epcopy.agent=0 / epcopy.memcached=0 / epcopy.mariadb=0   leave one out
+#   epcopy.dirty_free_mib=N                     before the services start, write N MiB (non-zero)
+#                                               and free it again: free memory as a guest that has
+#                                               been running for a while has it (dirty, not zero)
 #   epcopy.shell=1                              root shell on the console
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root LANG=C.UTF-8
@@ -27,7 +30,7 @@ mnt tmpfs mode=0755,nosuid,nodev /run
 [[ -e /dev/fd ]] || ln -s /proc/self/fd /dev/fd
 mnt devpts gid=5,mode=620,ptmxmode=000 /dev/pts
 
-ip=10.0.2.15/24 gw=10.0.2.2 mc_mb=64 innodb_mb=512 agent=1 memcached=1 mariadb=1 shell=0
+ip=10.0.2.15/24 gw=10.0.2.2 mc_mb=64 innodb_mb=512 agent=1 memcached=1 mariadb=1 shell=0 dirty_free_mib=0
 for w in $(</proc/cmdline); do
     case $w in
     epcopy.ip=*) ip=${w#*=} ;;
@@ -38,6 +41,7 @@ for w in $(</proc/cmdline); do
     epcopy.memcached=*) memcached=${w#*=} ;;
     epcopy.mariadb=*) mariadb=${w#*=} ;;
     epcopy.shell=*) shell=${w#*=} ;;
+    epcopy.dirty_free_mib=*) dirty_free_mib=${w#*=} ;;
     esac
 done
 uptime_s() { local u; read -r u _ </proc/uptime; printf '%s' "$u"; }
@@ -54,6 +58,18 @@ echo epcopy-bench >/proc/sys/kernel/hostname
     [[ -z "$gw" || "$gw" == none ]] || echo "route add default via $gw dev eth0"
 } | ip -force -batch -
 echo "epcopy-bench: init up after $(uptime_s)s, eth0 $ip"
+
+# Used-then-freed memory: a tmpfs of its own, filled with `yes` output (not zeros: QEMU sends a zero page
+# as a marker, any other page in full) and unmounted, which returns every page to the buddy allocator.
+if [[ $dirty_free_mib =~ ^[0-9]+$ ]] && ((dirty_free_mib > 0)); then
+    t0=$(uptime_s)
+    mkdir -p /run/epcopy-dirty
+    if mount -t tmpfs -o "size=$((dirty_free_mib + 16))m" tmpfs /run/epcopy-dirty; then
+        yes epcopy-dirty-free-memory | head -c "$((dirty_free_mib << 20))" >/run/epcopy-dirty/fill
+        umount /run/epcopy-dirty
+        echo "epcopy-bench: wrote and freed ${dirty_free_mib} MiB ($t0 s -> $(uptime_s) s)"
+    fi
+fi
 
 # The agent serves the host on the virtio-serial port org.epcopy.agent.0. Its
 # output reaches the console through the kernel log: a tty write can stall
