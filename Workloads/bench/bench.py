@@ -245,6 +245,11 @@ def run_mode(args, hosts, mode, out):
     wl = WORKLOADS[args.workload]
     port, ready_line = wl.port, wl.ready_line
     os.makedirs(out, exist_ok=True)
+    # A previous run's files in OUT would be read as this run's (the harness waits for load.csv to grow).
+    for name in os.listdir(out):
+        path = os.path.join(out, name)
+        if os.path.isfile(path):
+            os.unlink(path)
     events = {"workload": args.workload, "mode": mode, "guest_mem_mib": args.guest_mem, "rate": args.rate or "none",
               "contention": args.contention, "interval_ms": args.interval_ms, "neighbour_baseline": None,
               "contention_start_unix": None, "switch_unix": None, "stop_unix": None, "resume_unix": None,
