@@ -6,11 +6,14 @@ tc tbf), one `epcopy serve` in each, host A pinned to CPU 0 and host B to CPU 1 
 
   1. measures the noisy neighbour alone on host A's CPU (its uncontended rate),
   2. boots the benchmark image (Workloads/images) on host A from a fresh qcow2 overlay on shared storage,
-     the workload's server (memcached, or MariaDB for mysql) forwarded from host A's address,
+     the workload's server (memcached, or MariaDB for mysql) forwarded from host A's address; with
+     --dirty-free-mb the guest first writes and frees that much memory (dirty free memory, as in a guest
+     that has been in service for a while),
   3. warms the workload up (memcached: --warmup-mb of values; mysql: the image's sysbench dataset read into
      the InnoDB buffer pool) and checks with the server that it holds the data, then runs the load generator
      (in host B's namespace, CPU 1) for --duration s, following the VM through a target file,
-  4. starts the neighbour on host A's CPU at --contention-at s (the contention),
+  4. starts the neighbour on host A's CPU at --contention-at s (the contention): cpu, membw, or net (bulk
+     TCP from host A to a sink on host B over the migration's veth; use it with --rate),
   5. migrates the VM to host B at --migrate-at s with `epcopy migrate --json`, and points the client at
      host B the moment the guest answers there,
   6. keeps measuring until the end, then writes OUT/<workload>-<mode>/{load.csv, neighbour.csv,
