@@ -18,7 +18,7 @@ build: deps
 test: deps guest images
 	$(SWIFT) build --build-tests
 	$(SWIFT) test --skip-build --disable-xctest --no-parallel
-	python3 -m unittest Workloads/bench/test_report.py Workloads/loadgen/test_sysbench_load.py
+	python3 -m unittest Workloads/bench/test_report.py Workloads/loadgen/test_sysbench_load.py Workloads/loadgen/test_neighbour.py
 
 # Benchmarks are programs, not tests: run in release mode and read the numbers.
 bench-codec: deps
