@@ -225,11 +225,7 @@ public final class FaultService: @unchecked Sendable {
             return nil
         }
         if pages.zero.contains(page) {
-            metrics.faultsZeroFilled.add(1, ordering: .relaxed)
-            var result = try zeroPage(address)
-            while case .retry = result { result = try zeroPage(address) }
-            if case .alreadyPresent = result { try wake(address) }
-            pages.present.insert(page)
+            try zeroFill(address, page: page)
             return nil
         }
         guard pending.add(page: page, at: now) else { return nil }
@@ -239,15 +235,20 @@ public final class FaultService: @unchecked Sendable {
         // behind one lock), and only the one that takes the page from it fills it. Without this, the source
         // — which already claimed the page for its zero message — never answers, and the vCPU waits forever.
         if pages.zero.contains(page), !pending.resolve(start: page, count: 1).isEmpty {
-            metrics.faultsZeroFilled.add(1, ordering: .relaxed)
-            var result = try zeroPage(address)
-            while case .retry = result { result = try zeroPage(address) }
-            if case .alreadyPresent = result { try wake(address) }
-            pages.present.insert(page)
+            try zeroFill(address, page: page)
             return nil
         }
         Trace.log("fault: page \(page) requested")
         return page
+    }
+
+    /// A fault on a page known to be zero: map a zero page (which wakes the faulting thread).
+    private func zeroFill(_ address: UInt, page: UInt64) throws(SyscallError) {
+        metrics.faultsZeroFilled.add(1, ordering: .relaxed)
+        var result = try zeroPage(address)
+        while case .retry = result { result = try zeroPage(address) }
+        if case .alreadyPresent = result { try wake(address) }
+        pages.present.insert(page)
     }
 
     private func zeroPage(_ address: UInt) throws(SyscallError) -> Userfaultfd.Placement {
