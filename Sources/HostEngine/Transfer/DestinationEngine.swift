@@ -311,10 +311,7 @@ public final class DestinationEngine: @unchecked Sendable {
         let end = run.upperBound.rawValue
         while p < end {
             // Longest stretch of pages that still need placing.
-            while p < end, pages.present.contains(p) || pages.zero.contains(p) {
-                if !pages.present.contains(p) { try zeroFillIfWaiting(p) }
-                p += 1
-            }
+            while p < end, pages.present.contains(p) || pages.zero.contains(p) { p += 1 }
             var q = p
             while q < end, !pages.present.contains(q), !pages.zero.contains(q) { q += 1 }
             if q > p {
@@ -332,31 +329,18 @@ public final class DestinationEngine: @unchecked Sendable {
         return placed
     }
 
-    /// A fault asked for page `page`, and before its data came the page was marked zero (the guest reported it
-    /// free after the scan that found it free). Its data is not to be placed, but the faulting thread still waits
-    /// for it: map a zero page, which wakes it. Zero is right: the page was free at scan time, and every write
-    /// since has come through a fault.
-    private func zeroFillIfWaiting(_ page: UInt64) throws(PeerError) {
-        guard !pending.resolve(start: page, count: 1).isEmpty else { return }
-        try zeroFill(page)
-    }
-
     /// Maps a zero page at `page`, whose fault is waiting and has been taken out of `pending`; wakes it.
     private func zeroFill(_ page: UInt64) throws(PeerError) {
         let address = memory.hostAddress + UInt((page - memory.firstPage) << PageGeometry.shift)
-        var done: Int64 = 0
-        let rc = epc_uffd_zeropage(memory.uffd.rawValue, UInt64(address), PageGeometry.size, 0, &done)
         let result: Userfaultfd.Placement
-        do { result = try Userfaultfd.placement("UFFDIO_ZEROPAGE", rc: rc, done: done) } catch {
-            throw .syscall("zero-filling freed page \(page)", error)
+        do { result = try Userfaultfd.zeroFillPage(fd: memory.uffd.rawValue, address: address) } catch {
+            throw .syscall("zero-filling page \(page)", error)
         }
         switch result {
-        case .placed, .retry:
+        case .placed, .alreadyPresent, .retry:
+            // .alreadyPresent: mapped meanwhile (the fault thread zero-filled it on a second fault), now woken.
             // .retry: a remove is pending and the fault will be delivered again, to the fault thread.
             break
-        case .alreadyPresent:
-            // Mapped meanwhile (the fault thread zero-filled it on a second fault): only wake.
-            _ = epc_uffd_wake(memory.uffd.rawValue, UInt64(address), PageGeometry.size)
         case .targetGone:
             throw .unexpected("the process that owns guest memory is gone")
         }

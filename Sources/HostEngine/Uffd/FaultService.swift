@@ -188,7 +188,7 @@ public final class FaultService: @unchecked Sendable {
                     // The owner punched or DONTNEED'd a range (balloon, free page reporting): those pages
                     // read as zero from now on, so never fetch them. uffd ioctls return EAGAIN until this
                     // event has been read (man 2 ioctl_userfaultfd).
-                    removed(start: UInt(epc_uffd_msg_remove_start(message)), end: UInt(epc_uffd_msg_remove_end(message)))
+                    try removed(start: UInt(epc_uffd_msg_remove_start(message)), end: UInt(epc_uffd_msg_remove_end(message)))
                 default:
                     break
                 }
@@ -197,7 +197,7 @@ public final class FaultService: @unchecked Sendable {
         }
     }
 
-    private func removed(start: UInt, end: UInt) {
+    private func removed(start: UInt, end: UInt) throws(SyscallError) {
         let lo = max(start, base)
         let hi = min(end, base + UInt(length))
         guard hi > lo else { return }
@@ -211,6 +211,11 @@ public final class FaultService: @unchecked Sendable {
             if !wasPresent { freed.insert(PageIndex(rawValue: page)) }
         }
         if !freed.isEmpty { pages.freedNotPresent.withLock { $0.formUnion(freed) } }
+        // A fault already requested in the range waits for data that will not be placed (the page is zero now):
+        // answer it here, as every other place that marks pages zero does.
+        for page in pending.take(in: freed) {
+            try zeroFill(base + UInt((page - firstPage) << UInt64(PageGeometry.shift)), page: page)
+        }
     }
 
     /// Resolves a fault on its own when it can; returns the page if it must be fetched.
@@ -245,16 +250,8 @@ public final class FaultService: @unchecked Sendable {
     /// A fault on a page known to be zero: map a zero page (which wakes the faulting thread).
     private func zeroFill(_ address: UInt, page: UInt64) throws(SyscallError) {
         metrics.faultsZeroFilled.add(1, ordering: .relaxed)
-        var result = try zeroPage(address)
-        while case .retry = result { result = try zeroPage(address) }
-        if case .alreadyPresent = result { try wake(address) }
+        while case .retry = try Userfaultfd.zeroFillPage(fd: uffd, address: address) {}
         pages.present.insert(page)
-    }
-
-    private func zeroPage(_ address: UInt) throws(SyscallError) -> Userfaultfd.Placement {
-        var done: Int64 = 0
-        let rc = epc_uffd_zeropage(uffd, UInt64(address), PageGeometry.size, 0, &done)
-        return try Userfaultfd.placement("UFFDIO_ZEROPAGE", rc: rc, done: done)
     }
 
     private func wake(_ address: UInt) throws(SyscallError) {

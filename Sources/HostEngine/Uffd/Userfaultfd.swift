@@ -3,6 +3,7 @@
 // guest whose memory has not arrived yet. See `man 2 userfaultfd` and `man 2 ioctl_userfaultfd`.
 
 import CEpcopyLinux
+import EpcopyProtocol
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -203,5 +204,21 @@ extension Userfaultfd {
     /// UFFDIO_WAKE: wakes threads blocked on faults in the range (after EEXIST, or after DONTWAKE).
     public func wake(start: UInt, length: Int) throws(SyscallError) {
         _ = try Syscall.check("UFFDIO_WAKE") { epc_uffd_wake(descriptor.rawValue, UInt64(start), UInt64(length)) }
+    }
+
+    /// Answers a fault on the page at `address` with a zero page, on a descriptor the caller does not own (the
+    /// fault thread's and the destination engine's): UFFDIO_ZEROPAGE wakes the faulting threads; if the page was
+    /// mapped meanwhile (`.alreadyPresent`) they are woken with UFFDIO_WAKE. `.retry` is returned as is.
+    static func zeroFillPage(fd: Int32, address: UInt) throws(SyscallError) -> Placement {
+        var done: Int64 = 0
+        var rc: Int
+        repeat {
+            rc = epc_uffd_zeropage(fd, UInt64(address), UInt64(PageGeometry.size), 0, &done)
+        } while rc == -Int(EINTR)
+        let result = try placement("UFFDIO_ZEROPAGE", rc: rc, done: done)
+        if case .alreadyPresent = result {
+            _ = try Syscall.check("UFFDIO_WAKE") { epc_uffd_wake(fd, UInt64(address), UInt64(PageGeometry.size)) }
+        }
+        return result
     }
 }
