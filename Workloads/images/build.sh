@@ -61,33 +61,8 @@ on_exit() {
 }
 trap on_exit EXIT
 
-log() { printf '%s %s\n' "$(date +%T)" "$*" >>"$LOG"; }
-hash_of() { cat "$@" | sha256sum | cut -c1-64; }
-hash_str() { printf '%s' "$*" | sha256sum | cut -c1-64; }
-key_matches() { [[ -f "$CACHE/$1.key" && "$(cat "$CACHE/$1.key")" == "$2" ]]; }
-key_store() { printf '%s' "$2" >"$CACHE/$1.key.tmp" && mv -f "$CACHE/$1.key.tmp" "$CACHE/$1.key"; }
-mktmp() { local d; d=$(mktemp -d "$CACHE/tmp.XXXXXX"); TMPDIRS+=("$d"); printf -v "$1" '%s' "$d"; }
-
-APT_UPDATED=0
-apt_update_once() {
-    ((APT_UPDATED)) && return 0
-    log "apt-get update"
-    apt-get update -qq >>"$LOG" 2>&1
-    APT_UPDATED=1
-}
-need_pkgs() {
-    local p missing=()
-    declare -A ok=()
-    while read -r p st; do [[ "$st" == installed ]] && ok[$p]=1; done < <(
-        dpkg-query -W -f='${Package} ${db:Status-Status}\n' "$@" 2>/dev/null || true)
-    for p in "$@"; do [[ -n "${ok[$p]:-}" ]] || missing+=("$p"); done
-    ((${#missing[@]})) || return 0
-    log "installing ${missing[*]}"
-    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >>"$LOG" 2>&1; then
-        apt_update_once
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >>"$LOG" 2>&1
-    fi
-}
+# log, hash_of, hash_str, key_matches, key_store, mktmp, apt_update_once, need_pkgs
+source "$HERE/../lib/build-common.sh"
 
 # Run a command chrooted in $1 with /proc, /sys, /dev mounted in a private
 # mount namespace: the mounts vanish with the command, even on failure.

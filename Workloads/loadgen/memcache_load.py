@@ -91,11 +91,12 @@ def pct(sorted_xs, p):
 
 
 class Target:
-    """Where to connect; follows --target-file."""
+    """Where to connect: HOST:PORT, fixed or followed in --target-file (a half-written or invalid file keeps the
+    old target). Also sysbench_load.py's."""
 
     def __init__(self, fixed=None, path=None):
         self.path = path
-        self.text = fixed
+        self.text = fixed.strip() if fixed else None
         self.addr = parse_hostport(fixed) if fixed else None
         self.gen = 0
         self.conns = set()  # live Conn objects, aborted on change

@@ -51,7 +51,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from memcache_load import INTERVAL_FIELDS, Hist, parse_hostport, pct  # noqa: E402  (one CSV format)
+from memcache_load import INTERVAL_FIELDS, Hist, Target, parse_hostport, pct  # noqa: E402  (one CSV format, one target file)
 
 LUA = os.path.join(HERE, "oltp_intervals.lua")
 PR_SET_PDEATHSIG = 1
@@ -135,32 +135,6 @@ class Intervals:
         row = [f"{t:.3f}", ops, reads, writes, 0, errors, pct(lat, 0.5), pct(lat, 0.99), lat[-1] if lat else 0,
                target or "", conns, reconnects, f"{self.origin + t:.3f}"]
         return row, lat
-
-
-class Target:
-    """HOST:PORT, fixed or followed in a file (a half-written or invalid file keeps the old target)."""
-
-    def __init__(self, fixed=None, path=None):
-        self.path, self.text = path, None
-        if fixed:
-            parse_hostport(fixed)
-            self.text = fixed.strip()
-        self.reload()
-
-    def reload(self):
-        """Re-read the file; True if the target changed from one address to another."""
-        if not self.path:
-            return False
-        try:
-            with open(self.path) as f:
-                text = f.read().strip()
-            parse_hostport(text)
-        except (OSError, ValueError):
-            return False
-        if text == self.text:
-            return False
-        old, self.text = self.text, text
-        return old is not None
 
 
 class Sysbench:
