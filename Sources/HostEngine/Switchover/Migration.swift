@@ -289,8 +289,7 @@ public enum Migration {
             // compared with the source as it was at STOP.
             comparison = digests.compare(sourceDigests: sourceDigests, free: scan?.free ?? PageSet())
         }
-        let (verdict, counterAfter) = guestVerdict(destinationSide.qemu, before: source.counterBefore,
-                                                   settle: options.settleSeconds)
+        let guest = GuestVerdict.watch(destinationSide.qemu, before: source.counterBefore, settle: options.settleSeconds)
         let report = destination.report
         return MigrationResult(
             mode: options.mode, downtimeMillis: (destination.resumeTimestamp - source.stopTimestamp) * 1000,
@@ -299,7 +298,7 @@ public enum Migration {
             faultP99Micros: report?.metrics.faultP99Micros ?? 0, faultsBeforeResume: destination.faultsBeforeResume,
             pagesCompared: comparison.pagesCompared, mismatchedPages: comparison.mismatchedPages,
             verification: options.mode == .enlightened && options.verify ? "digests" : "guest",
-            guestVerdict: verdict, guestCounterBefore: source.counterBefore, guestCounterAfter: counterAfter,
+            guestVerdict: guest.verdict, guestCounterBefore: source.counterBefore, guestCounterAfter: guest.counterAfter,
             enlightened: options.mode == .enlightened ? (source.hotReport ?? false) || (scan?.answered ?? false) : nil,
             pagesByClass: source.pagesByClass, pagesSkippedFree: source.pagesSkippedFree,
             agentReportMillis: source.agentReportMillis, agentReportAgeMillis: source.agentReportAgeMillis,
@@ -315,58 +314,8 @@ public enum Migration {
         return UInt64(info["ram"]?["transferred"]?.intValue ?? 0)
     }
 
-    public static func lastCounterForTests(_ log: String) -> Int? { lastCounter(log) }
+    public static func lastCounterForTests(_ log: String) -> Int? { GuestVerdict.lastCounter(log) }
     public static func ramOffsetForTests(_ gpa: UInt64, _ regionPages: UInt64) -> UInt64? {
         ramOffset(guestPhysical: gpa, regionPages: regionPages)
-    }
-
-    /// The memory tester's last iteration counter in a serial log.
-    static func lastCounter(_ log: String) -> Int? {
-        var last: Int?
-        // The serial console ends lines with "\r\n", a single Character in Swift: split on isNewline.
-        // Lines come through the kernel log, so they carry a "[   12.345678] " timestamp prefix.
-        for line in log.split(whereSeparator: \.isNewline) {
-            guard let marker = line.range(of: "epcopy-memtest iter=") else { continue }
-            let value = line[marker.upperBound...].prefix { $0.isNumber }
-            if let n = Int(value) { last = n }
-        }
-        return last
-    }
-
-    /// OK when the destination's tester goes on counting past the source's last count and never says
-    /// CORRUPT; waits up to `settle` seconds for two new lines.
-    /// The first line of a guest kernel crash on the console (the destination's log holds only what the guest
-    /// printed there), or nil. A guest whose memory arrived wrong usually dies like this within a second.
-    static func guestCrash(_ log: String) -> String? {
-        let markers = ["Kernel panic", "BUG: ", "Oops", "general protection fault", "kernel BUG at", "WARNING: CPU"]
-        for line in log.split(whereSeparator: \.isNewline) where markers.contains(where: { line.contains($0) }) {
-            return String(line.prefix(160))
-        }
-        return nil
-    }
-
-    static func guestVerdict(_ destination: QEMUProcess, before: Int?, settle: Double) -> (String, Int?) {
-        // A guest that never ran the memory tester (a workload image) has no verdict of its own; a crash
-        // on its console still counts.
-        if before == nil, lastCounter(destination.serialLog) == nil {
-            usleep(UInt32(min(max(settle, 0), 10) * 1_000_000))
-            if let crash = guestCrash(destination.serialLog) { return ("CRASHED: \(crash)", nil) }
-            return ("no memory tester", nil)
-        }
-        let deadline = Date().addingTimeInterval(max(settle, 1) + 20)
-        var after: Int?
-        while Date() < deadline {
-            let log = destination.serialLog
-            if log.contains("CORRUPT") { return ("CORRUPT", lastCounter(log)) }
-            if let crash = guestCrash(log) { return ("CRASHED: \(crash)", lastCounter(log)) }
-            after = lastCounter(log)
-            if let after, let before, after >= before + 2 { return ("OK", after) }
-            if before == nil, after != nil { return ("OK", after) }
-            usleep(200_000)
-        }
-        let status = (try? destination.qmp.execute("query-status", timeout: .seconds(5)))?["status"]?.stringValue ?? "?"
-        let tail = destination.serialLog.suffix(300).replacingOccurrences(of: "\r\n", with: " | ")
-        Trace.log("guest verdict: no progress; destination QEMU \(status), serial: \(tail)")
-        return (after == nil ? "NO OUTPUT (QEMU \(status))" : "STALLED (QEMU \(status))", after)
     }
 }

@@ -289,7 +289,7 @@ public enum SourceSide {
         let regionPages = source.config.regionPages
         let capabilities = Migration.capabilities(for: mode)
         try Migration.setCapabilities(source.qmp, capabilities)
-        let counterBefore = Migration.lastCounter(source.serialLog)
+        let counterBefore = GuestVerdict.lastCounter(source.serialLog)
 
         var sourceEngine: SourceEngine?
         var sourceThread: JoinableThread?
