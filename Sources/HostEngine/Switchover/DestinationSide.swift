@@ -1,0 +1,249 @@
+// The destination half of a migration: prepares this host to receive a VM and reports how the guest
+// resumed. The steps, each depending on the last (see Migration.swift for both sides together):
+//   prepare  — (init) the engine takes the guest memory over from the shim while QEMU starts with
+//              -incoming defer, listens for the source engine; capabilities and migrate-incoming;
+//   switch   — a watcher waits for RESUME (downtime ends), then has the agent scan for free pages;
+//   drain    — (finish) the engine has placed every page and unregistered the uffd;
+//   verify   — placed pages against the source's digests at STOP, and the guest's own verdict.
+// There is nothing to release here: the VM now lives on this host. Before the switch, `abandon` undoes
+// prepare.
+
+import CEpcopyLinux
+import EpcopyProtocol
+import Foundation
+import Synchronization
+
+public final class DestinationSide: @unchecked Sendable {
+    // SAFETY (@unchecked): built on one thread, then `finish` runs once; the engine thread owns its state.
+    public let qemu: QEMUProcess
+    public let engine: DestinationEngine?
+    public let engineEndpoint: Endpoint?
+    public let migrationURI: String
+    public let mode: MigrationMode
+    private let engineThread: JoinableThread?
+    private let engineResult = ResultSlot<DestinationReport, PeerError>()
+    private let start = monotonicNanos()
+    /// QMP's RESUME timestamp, recorded by the switch watcher as it happens.
+    private let resumed = ResultSlot<Double, MigrationError>()
+    private let freeScan = ResultSlot<FreeScanOutcome, MigrationError>()
+    private var switchWatcher: JoinableThread?
+
+    /// Starts the destination QEMU (with the shim in enlightened mode), the engine, and migrate-incoming
+    /// on `bindHost` (the address the source reaches this host at).
+    public init(spec: VMSpec, name: String, mode: MigrationMode, session: UInt64, bindHost: String,
+                options: MigrationOptions) throws {
+        self.mode = mode
+        var config = spec.config(name: name)
+        config.forwardHost = bindHost
+        config.incoming = true
+        unlink(config.ramFile)
+        migrationURI = "tcp:\(bindHost):\(Self.freePort(host: bindHost))"
+        let handover = mode == .enlightened ? try MemoryHandover(config: &config, session: session, options: options) : nil
+        qemu = try Self.launch(config, handover: handover)
+        if let handover {
+            let (engine, listener) = try Self.engine(from: handover, bindHost: bindHost, qemu: qemu)
+            engineEndpoint = listener.listener.endpoint
+            engineThread = Self.run(engine, listener: listener, into: engineResult)
+            self.engine = engine
+        } else {
+            engine = nil
+            engineEndpoint = nil
+            engineThread = nil
+        }
+        try prepareIncoming()
+        switchWatcher = watchSwitch(session: session, options: options)
+    }
+
+    // MARK: prepare
+
+    private static func launch(_ config: QEMUConfig, handover: MemoryHandover?) throws -> QEMUProcess {
+        do { return try QEMUProcess.launch(config, connectTimeout: .seconds(60)) } catch {
+            handover?.join()
+            throw MigrationError.step("destination: start QEMU", error)
+        }
+    }
+
+    /// The engine over the handed-over memory, and the listener the source engine connects to.
+    private static func engine(from handover: MemoryHandover, bindHost: String,
+                               qemu: QEMUProcess) throws -> (DestinationEngine, ListenerHolder) {
+        let engine: DestinationEngine
+        do { engine = try handover.engine() } catch {
+            qemu.teardown()
+            throw MigrationError.step("destination: guest memory hand-over", error)
+        }
+        do { return (engine, ListenerHolder(try TCP.listen(on: Endpoint(host: bindHost, port: 0)))) } catch {
+            qemu.teardown()
+            throw MigrationError.step("destination: listen on \(bindHost)", error)
+        }
+    }
+
+    private static func run(_ engine: DestinationEngine, listener: ListenerHolder,
+                            into slot: ResultSlot<DestinationReport, PeerError>) -> JoinableThread {
+        JoinableThread(name: "epcopy-dst") {
+            slot.set(Result<DestinationReport, PeerError> { () throws(PeerError) in
+                try engine.run(listener: listener.listener)
+            })
+        }
+    }
+
+    /// From here the source may switch: QEMU waits for its stream.
+    private func prepareIncoming() throws {
+        do {
+            try QEMUMigration.setCapabilities(qemu.qmp, for: mode)
+            _ = try qemu.qmp.execute("migrate-incoming", arguments: ["uri": .string(migrationURI)], timeout: .seconds(10))
+        } catch {
+            abandon()
+            throw MigrationError.step("destination: migrate-incoming", error)
+        }
+    }
+
+    // MARK: switch
+
+    /// A thread that records RESUME as it happens, then (enlightened mode) runs the agent's free scan.
+    private func watchSwitch(session: UInt64, options: MigrationOptions) -> JoinableThread {
+        let (qmp, slot, since, engine, scanSlot) = (qemu.qmp, resumed, start, self.engine, freeScan)
+        let (agentSocket, useAgent) = (qemu.config.agentSocket, mode == .enlightened && options.useAgent)
+        let regionPages = qemu.config.regionPages
+        // The switch does not wait for the free scan (the guest already runs here), so it may take longer than a
+        // hot report: a large guest's first scan right after RESUME runs with a cold translation cache under TCG.
+        let agentTimeout = max(options.agentTimeoutMillis, options.freeScanTimeoutMillis)
+        return JoinableThread(name: "epcopy-resume") {
+            do {
+                slot.set(.success(try qmp.waitForEvent("RESUME", timeout: .seconds(600), after: since).timestamp))
+            } catch {
+                slot.set(.failure(.step("destination: waiting for RESUME", error)))
+                engine?.finishFreeScan(agentAnswered: false, pagesReported: 0)
+                return
+            }
+            guard let engine else { return }
+            // The agent port is opened only now: the guest runs here, and whatever answers on the port is the
+            // guest's (a connection made earlier would only sit idle).
+            var link: AgentLink?
+            var note: String?
+            if useAgent {
+                do { link = try AgentLink(socketPath: agentSocket, layout: GuestRAMLayout(regionPages: regionPages)) }
+                catch { note = "destination: \(error)" }
+            }
+            scanSlot.set(.success(Self.freeScan(link: link, linkNote: note, engine: engine, session: session,
+                                                timeoutMillis: agentTimeout)))
+        }
+    }
+
+    /// After RESUME: the agent scans for free pages at once; each one not yet here is never fetched. Whatever
+    /// happens, the source hears that the scan is over, so it stops holding the believed-free pages back.
+    private static func freeScan(link: AgentLink?, linkNote: String?, engine: DestinationEngine, session: UInt64,
+                                 timeoutMillis: UInt64) -> FreeScanOutcome {
+        var outcome = FreeScanOutcome(answered: false, millis: 0, scanMillis: 0, free: PageSet(),
+                                      notes: linkNote.map { [$0] } ?? [])
+        guard let link else {
+            engine.finishFreeScan(agentAnswered: false, pagesReported: 0)
+            return outcome
+        }
+        let start = monotonicNanos()
+        do {
+            let (report, pages) = try link.freeAfterResume(sequence: session, timeoutMillis: timeoutMillis)
+            engine.markFree(pages)
+            engine.finishFreeScan(agentAnswered: true, pagesReported: pages.count)
+            outcome.answered = true
+            outcome.scanMillis = Double(report.scanMicros) / 1000
+            outcome.free = pages
+        } catch {
+            engine.finishFreeScan(agentAnswered: false, pagesReported: 0)
+            outcome.notes.append("destination: \(error)")
+        }
+        outcome.millis = Double(monotonicNanos() - start) / 1e6
+        outcome.notes += link.complaints.map { "destination agent: \($0)" }
+        return outcome
+    }
+
+    // MARK: drain
+
+    /// Waits for RESUME and, in enlightened mode, for every page to arrive.
+    public func finish(timeout: Duration = .seconds(600)) throws -> DestinationOutcome {
+        switchWatcher?.join()
+        let resumeTimestamp: Double
+        do { resumeTimestamp = try resumed.get() } catch {
+            abandon()
+            throw error
+        }
+        let report = try drain()
+        // Counted by time against QEMU's own RESUME timestamp (same host clock): the guest already runs and
+        // faults by the time anyone here hears of RESUME.
+        let faultsBeforeResume = engine.map { $0.metrics.faults(before: resumeTimestamp) } ?? 0
+        var scan: FreeScanOutcome?
+        if mode == .enlightened, engine != nil { scan = try? freeScan.get() }
+        return DestinationOutcome(resumeTimestamp: resumeTimestamp, faultsBeforeResume: faultsBeforeResume,
+                                  report: report, freeScan: scan)
+    }
+
+    /// The engine's report once it has placed every page (nil in QEMU's own modes).
+    private func drain() throws -> DestinationReport? {
+        guard let engineThread else { return nil }
+        engineThread.join()
+        do { return try engineResult.get() } catch {
+            throw MigrationError.step("RAM transfer (destination)", error)
+        }
+    }
+
+    // MARK: verify
+
+    /// Every page placed here against the source as it was at STOP, except those the guest reported free after
+    /// RESUME (they hold nothing the guest may read); then the guest's own verdict, watched for `settle` seconds.
+    func verify(against source: SourceOutcome, free: PageSet<PageIndex>?, settle: Double) -> DestinationCheck {
+        var memory = MemoryComparison(pagesCompared: 0, mismatchedPages: 0, firstMismatches: [])
+        if let digests = engine?.digests, let sourceDigests = source.sourceDigests {
+            memory = digests.compare(sourceDigests: sourceDigests, free: free ?? PageSet())
+        }
+        return DestinationCheck(memory: memory,
+                                guest: GuestVerdict.watch(qemu, before: source.counterBefore, settle: settle))
+    }
+
+    /// Tears the destination down after a failure before the switch: nothing ran here yet.
+    public func abandon() {
+        qemu.kill()
+        qemu.teardown()
+    }
+
+    private static func freePort(host: String) -> UInt16 {
+        guard let listener = try? TCP.listen(on: Endpoint(host: host, port: 0)) else { return 0 }
+        return listener.endpoint.port
+    }
+}
+
+/// The shim's hand-over of the destination QEMU's guest memory. The shim hands the RAM mapping over while QEMU
+/// starts, before QEMU serves QMP, so it is accepted on its own thread started before the launch.
+private final class MemoryHandover: Sendable {
+    private let accepted: ResultSlot<DestinationEngine, any Error>
+    private let thread: JoinableThread
+
+    /// Points the shim (through `config`'s environment) at a fresh hand-over socket and starts accepting on it.
+    init(config: inout QEMUConfig, session: UInt64, options: MigrationOptions) throws {
+        let handoverPath = "/tmp/epcopy-\(config.name).handover"
+        config.environment = ["LD_PRELOAD": options.preloadLibrary, "EPCOPY_SHIM_SOCKET": handoverPath,
+                              "EPCOPY_SHIM_PREFIX": config.ramFile]
+        let listener: UffdHandoverListener
+        do { listener = try UffdHandoverListener(path: handoverPath) } catch {
+            throw MigrationError.step("destination: hand-over socket", error)
+        }
+        let (link, verify, key) = (options.link, options.verify, options.authKey)
+        let accepted = ResultSlot<DestinationEngine, any Error>()
+        self.accepted = accepted
+        thread = JoinableThread(name: "epcopy-handover") {
+            accepted.set(Result<DestinationEngine, any Error> {
+                let handover = try listener.accept(timeout: .seconds(60))
+                let memory = try DestinationMemory(handover: handover)
+                return DestinationEngine(memory: memory, options: DestinationOptions(
+                    sessionID: session, link: link, recordDigests: verify, authKey: key))
+            })
+        }
+    }
+
+    /// Waits for the accept to end, whatever its result.
+    func join() { thread.join() }
+
+    /// The engine over the handed-over memory.
+    func engine() throws -> DestinationEngine {
+        thread.join()
+        return try accepted.get()
+    }
+}

@@ -1,0 +1,79 @@
+// What each side of a migration saw, handed to whoever builds the MigrationResult: the source's outcome
+// travels to the destination's daemon as JSON (its Codable keys are a wire format between daemons), the
+// destination's stays where it was measured. Also how a step fails, and how a side's thread hands its
+// result to the step that joins it.
+
+import EpcopyProtocol
+import Synchronization
+
+/// What the destination saw.
+public struct DestinationOutcome: Sendable {
+    /// QMP timestamp of RESUME (seconds, the destination host's clock).
+    public var resumeTimestamp: Double
+    public var faultsBeforeResume: UInt64
+    public var report: DestinationReport?
+    /// The destination agent's post-resume free scan (enlightened mode).
+    public var freeScan: FreeScanOutcome?
+}
+
+/// What the destination's agent said after RESUME.
+public struct FreeScanOutcome: Sendable {
+    public var answered: Bool
+    /// From sending vmResumed to having the report (host clock).
+    public var millis: Double
+    /// The agent's own scan time.
+    public var scanMillis: Double
+    /// RAM-file pages the guest reported free (only these may differ from the source: they are free).
+    public var free: PageSet<PageIndex>
+    public var notes: [String]
+}
+
+/// What the source saw.
+public struct SourceOutcome: Sendable, Codable {
+    public var stopTimestamp: Double
+    public var tReleaseMillis: Double
+    public var bytesWire: UInt64
+    public var counterBefore: Int?
+    /// Page digests of the source RAM file at STOP (`verify`, enlightened mode).
+    public var sourceDigests: [UInt32]?
+    /// The source agent's hot report arrived (enlightened mode).
+    public var hotReport: Bool? = nil
+    /// From asking the source agent to having its hot report (what the switch waited for it).
+    public var agentReportMillis: Double? = nil
+    /// Age of a kept hot report at the switch (nil: the report was asked for at the switch).
+    public var agentReportAgeMillis: Double? = nil
+    public var agentNotes: [String]? = nil
+    public var pagesByClass: [String: UInt64]? = nil
+    /// Pages the destination's free scan removed from the push.
+    public var pagesSkippedFree: UInt64? = nil
+    /// Time the push waited for the destination's free scan.
+    public var freeHoldMillis: Double? = nil
+}
+
+/// How the destination's memory and guest compare with the source at STOP (see DestinationSide.verify).
+struct DestinationCheck: Sendable {
+    var memory: MemoryComparison
+    var guest: GuestVerdict
+}
+
+public enum MigrationError: Error, CustomStringConvertible {
+    case step(String, any Error)
+    case failed(String)
+
+    public var description: String {
+        switch self {
+        case .step(let step, let error): "\(step): \(error)"
+        case .failed(let text): text
+        }
+    }
+}
+
+/// A result handed from a thread to whoever joins it.
+final class ResultSlot<Value: Sendable, Failure: Error>: Sendable {
+    private let value = Mutex<Result<Value, Failure>?>(nil)
+    func set(_ result: Result<Value, Failure>) { value.withLock { $0 = result } }
+    func get() throws(Failure) -> Value {
+        guard let result = value.withLock({ $0 }) else { preconditionFailure("result read before it was set") }
+        return try result.get()
+    }
+}

@@ -1,0 +1,236 @@
+// The source half of a migration: moves a running VM to a destination that DestinationSide prepared,
+// and returns when this host holds none of it. The steps run in this order, each depending on the last
+// (see Migration.swift for the whole sequence across both sides):
+//   prepare  — capabilities; in enlightened mode the push order (device pages, the agent's classes) and
+//              an engine connected and authenticated while the VM still runs, gated on STOP;
+//   switch   — QMP migrate (+ migrate-start-postcopy), wait for STOP, fence: from STOP the RAM file is
+//              final and the source QEMU never runs again, so the gate opens and the push starts;
+//   drain    — QEMU's device stream completes, the bulk push is released, the engine finishes;
+//   release  — the fenced QEMU is killed and its file removed: T_release, and the outcome.
+// Before STOP nothing has moved, so a failure there leaves the source running, untouched.
+
+import CEpcopyLinux
+import EpcopyProtocol
+import Foundation
+import Synchronization
+
+public final class SourceSide {
+    private let source: QEMUProcess
+    private let mode: MigrationMode
+    private let session: UInt64
+    private let options: MigrationOptions
+    private let regionPages: UInt64
+    /// Set by prepare.
+    private var counterBefore: Int?
+    private var agent = HotReportAtSwitch()
+    private var push: PushThread?
+    /// Set by switch: the moment migrate was sent (T_release counts from here).
+    private var switchStart: UInt64 = 0
+
+    /// What drain hands to release.
+    private struct Drained {
+        var bytesWire: UInt64 = 0
+        var sourceDigests: [UInt32]?
+        var report: SourceReport?
+        /// When the engine finished (it has released every page).
+        var pushEnded: UInt64 = 0
+    }
+
+    private init(source: QEMUProcess, mode: MigrationMode, session: UInt64, options: MigrationOptions) {
+        self.source = source
+        self.mode = mode
+        self.session = session
+        self.options = options
+        regionPages = source.config.regionPages
+    }
+
+    /// Moves `source` to a destination prepared by DestinationSide. Returns when the source host holds
+    /// none of the VM: the engine has released every page, the fenced QEMU is gone, its file removed.
+    /// `progress` is called about every 250 ms from another thread with (bytes moved, bytes to move).
+    public static func migrate(source: QEMUProcess, mode: MigrationMode, session: UInt64, destinationURI: String,
+                               engineEndpoint: Endpoint?, options: MigrationOptions,
+                               progress: (@Sendable (UInt64, UInt64) -> Void)? = nil) throws -> SourceOutcome {
+        let side = SourceSide(source: source, mode: mode, session: session, options: options)
+        try side.prepare(engineEndpoint: engineEndpoint)
+        let reporter = progress.map {
+            ProgressReporter(source: source, engine: side.push?.engine, regionPages: side.regionPages, report: $0)
+        }
+        defer { reporter?.stop() }
+        let stop = try side.switchOver(to: destinationURI)
+        let drained = try side.drain()
+        return side.release(stop: stop, drained)
+    }
+
+    /// Prepare: everything that can happen while the VM still runs here.
+    private func prepare(engineEndpoint: Endpoint?) throws {
+        try QEMUMigration.setCapabilities(source.qmp, for: mode)
+        counterBefore = GuestVerdict.lastCounter(source.serialLog)
+        guard mode == .enlightened else { return }
+        guard let engineEndpoint else { throw MigrationError.failed("enlightened mode needs the destination engine") }
+        // Connect and authenticate while the VM still runs; push from STOP, device pages first, then the
+        // agent's classes, believed-free pages last and only after the destination's free scan.
+        var classes: [(PushClass, PageSet<PageIndex>)] = [(.device, DevicePages.query(source.qmp, regionPages: regionPages))]
+        if options.useAgent {
+            agent = HotReportAtSwitch.take(agentSocket: source.config.agentSocket, regionPages: regionPages,
+                                           options: options)
+            classes += agent.classes
+        }
+        var sourceOptions = SourceOptions(
+            sessionID: session, vmName: source.config.name, link: options.link, classes: classes,
+            releaseMemory: !options.verify, authKey: options.authKey)
+        sourceOptions.holdBulkUntilReleased = true
+        sourceOptions.holdFreeUntilScan = classes.contains { $0.0 == .believedFree && !$0.1.isEmpty }
+        // The destination always says when its scan is over (answered or not, at most freeScanTimeout after
+        // RESUME); the source's own deadline is only for a destination that never says anything. A RESUME
+        // that takes seconds (a starved destination) must not run it out.
+        sourceOptions.freeHoldMillis = options.freeScanTimeoutMillis + 5000
+        let engine: SourceEngine
+        do { engine = try SourceEngine(ramFile: source.config.ramFile, options: sourceOptions) } catch {
+            throw MigrationError.step("source engine", error)
+        }
+        push = PushThread(engine: engine, destination: engineEndpoint)
+    }
+
+    /// Switch: QEMU stops the VM here and sends its device state; returns the STOP event.
+    private func switchOver(to destinationURI: String) throws -> QMPEvent {
+        switchStart = monotonicNanos()
+        let stop: QMPEvent
+        do {
+            _ = try source.qmp.execute("migrate", arguments: ["uri": .string(destinationURI)], timeout: .seconds(10))
+            if mode == .postcopy { _ = try source.qmp.execute("migrate-start-postcopy", timeout: .seconds(10)) }
+            stop = try source.qmp.waitForEvent("STOP", timeout: .seconds(600), after: switchStart)
+        } catch {
+            push?.openGate()
+            // Before STOP nothing has moved: the source keeps running (cancel in case QEMU started).
+            _ = try? source.qmp.execute("migrate_cancel", timeout: .seconds(5))
+            push?.join()
+            throw MigrationError.step("source: migrate", error)
+        }
+        fence()
+        return stop
+    }
+
+    /// From STOP the source QEMU never runs again (it is never cont'ed): its RAM file is final, so the file
+    /// outlives QEMU's teardown until release, and the push may start.
+    private func fence() {
+        guard mode == .enlightened else { return }
+        source.keepRAMFile = true
+        push?.openGate()
+    }
+
+    /// Drain: waits for QEMU's stream and, in enlightened mode, for the engine to have moved every page.
+    private func drain() throws -> Drained {
+        var drained = Drained()
+        guard let push else {
+            do {
+                let end = try source.qmp.waitForEvent("MIGRATION", timeout: .seconds(1800), after: switchStart) {
+                    let status = $0.data["status"]?.stringValue
+                    return status == "completed" || status == "failed"
+                }
+                if end.data["status"]?.stringValue == "failed" { throw MigrationError.failed("QEMU reported failed") }
+            } catch { throw MigrationError.step("source: waiting for the migration", error) }
+            drained.bytesWire = QEMUMigration.streamBytes(source.qmp)
+            return drained
+        }
+        // The destination resumes; the engine releases the bulk push then. Wait for QEMU's stream.
+        _ = try? source.qmp.waitForEvent("MIGRATION", timeout: .seconds(60), after: switchStart) {
+            $0.data["status"]?.stringValue == "completed"
+        }
+        push.engine.releaseBulk()
+        let report: SourceReport
+        do { (report, drained.pushEnded) = try push.finish() } catch {
+            throw MigrationError.step("RAM transfer (source)", error)
+        }
+        if options.verify { drained.sourceDigests = try? PageDigests.ofFile(source.config.ramFile) }
+        drained.bytesWire = report.bytesWire + QEMUMigration.streamBytes(source.qmp)
+        drained.report = report
+        return drained
+    }
+
+    /// Release: the fenced QEMU and its RAM file go; this host holds none of the VM.
+    private func release(stop: QMPEvent, _ drained: Drained) -> SourceOutcome {
+        source.kill()
+        source.waitForExit(timeout: .seconds(10))
+        source.keepRAMFile = false
+        source.teardown()
+        // With `verify` the engine punches nothing (the digests need the whole file) and reading the file for them
+        // is the test's cost, not the migration's: T_release is when the engine ended.
+        let released = options.verify && mode == .enlightened ? drained.pushEnded : monotonicNanos()
+        var outcome = SourceOutcome(stopTimestamp: stop.timestamp, tReleaseMillis: Double(released - switchStart) / 1e6,
+                                    bytesWire: drained.bytesWire, counterBefore: counterBefore,
+                                    sourceDigests: drained.sourceDigests)
+        if mode == .enlightened {
+            outcome.hotReport = agent.answered
+            outcome.agentReportMillis = agent.millis
+            outcome.agentReportAgeMillis = agent.ageMillis
+            outcome.agentNotes = agent.notes
+            outcome.pagesByClass = drained.report?.pagesByClass
+            outcome.pagesSkippedFree = drained.report?.pagesFree
+            outcome.freeHoldMillis = drained.report?.freeHoldMillis
+        }
+        return outcome
+    }
+}
+
+/// The source engine on its own thread: connected and authenticated during prepare, pushing from the moment the
+/// gate opens (STOP), its report and end time kept for drain and release.
+private final class PushThread: Sendable {
+    let engine: SourceEngine
+    private let gate: DispatchSemaphore
+    private let ended: ResultSlot<(SourceReport, UInt64), PeerError>
+    private let thread: JoinableThread
+
+    init(engine: SourceEngine, destination: Endpoint) {
+        let (gate, ended) = (DispatchSemaphore(value: 0), ResultSlot<(SourceReport, UInt64), PeerError>())
+        self.engine = engine
+        self.gate = gate
+        self.ended = ended
+        thread = JoinableThread(name: "epcopy-src") {
+            let result = Result<SourceReport, PeerError> { () throws(PeerError) in
+                try engine.run(destination: destination, gate: { gate.wait() })
+            }
+            let at = monotonicNanos()
+            ended.set(result.map { ($0, at) })
+        }
+    }
+
+    /// Lets the engine start pushing. Call once.
+    func openGate() { gate.signal() }
+
+    /// Waits for the engine to end, whatever its result.
+    func join() { thread.join() }
+
+    /// Waits for the engine; its report and when it ended.
+    func finish() throws(PeerError) -> (SourceReport, UInt64) {
+        thread.join()
+        return try ended.get()
+    }
+}
+
+/// Calls `report` with (bytes moved, bytes to move) about every 250 ms on its own thread until stopped: the
+/// engine's count in enlightened mode, QEMU's own otherwise.
+private final class ProgressReporter: @unchecked Sendable {
+    // SAFETY (@unchecked): `thread` is set once in init and joined once, by the owner, in `stop`.
+    private let finished = Atomic<Bool>(false)
+    private var thread: JoinableThread?
+
+    init(source: QEMUProcess, engine: SourceEngine?, regionPages: UInt64,
+         report: @escaping @Sendable (UInt64, UInt64) -> Void) {
+        thread = JoinableThread(name: "epcopy-progress") { [self] in
+            while !finished.load(ordering: .acquiring) {
+                if let engine {
+                    report(engine.pagesSent << PageGeometry.shift, regionPages << PageGeometry.shift)
+                } else if let info = try? source.qmp.execute("query-migrate", timeout: .seconds(2)),
+                          let total = info["ram"]?["total"]?.intValue {
+                    report(UInt64(info["ram"]?["transferred"]?.intValue ?? 0), UInt64(total))
+                }
+                usleep(250_000)
+            }
+        }
+    }
+
+    func stop() {
+        finished.store(true, ordering: .releasing)
+        thread?.join()
+    }
+}
