@@ -31,11 +31,11 @@ final class DestinationFixture: @unchecked Sendable {
     }
 
     /// Opens the three channels with a valid handshake, as a real source would.
-    func handshake() throws -> [PeerChannelKind: PeerConnection] {
-        var channels: [PeerChannelKind: PeerConnection] = [:]
+    func handshake() throws -> [PeerChannelKind: PeerChannel] {
+        var channels: [PeerChannelKind: PeerChannel] = [:]
         for kind in PeerChannelKind.allCases {
             let fd = try TCP.connect(to: endpoint, timeoutMillis: 5000)
-            let connection = PeerConnection(descriptor: fd, channel: kind, context: PeerDecodeContext(regionPages: pages))
+            let connection = PeerChannel(descriptor: fd, channel: kind, context: PeerDecodeContext(regionPages: pages))
             try connection.send(.hello(PeerHello(role: .source, channel: kind.rawValue, sessionID: session,
                                                   vmName: "hostile", regionPages: pages, nonce: .random())))
             guard case .welcome = try connection.receive(timeoutMillis: 5000) else {
@@ -81,7 +81,7 @@ func expectPeerError(_ result: () throws -> DestinationReport, contains text: St
         try channels[.bulk]!.send(.pageData(data))
         expectPeerError({ try run.value() }, contains: "out of range")
         // Nothing was placed.
-        #expect(fixture.engine.pages.present.count == 0)
+        #expect(fixture.engine.pages.presentCount == 0)
     }
 
     @Test func aTruncatedFrameEndsTheSessionWithAnError() throws {
@@ -94,7 +94,7 @@ func expectPeerError(_ result: () throws -> DestinationReport, contains text: St
         try frame.prefix(100).withUnsafeBytes { try TCP.sendAll(channels[.bulk]!.descriptor.rawValue, $0) }
         shutdown(channels[.bulk]!.descriptor.rawValue, Int32(SHUT_WR))
         expectPeerError({ try run.value() }, contains: "closed")
-        #expect(fixture.engine.pages.present.count == 0)
+        #expect(fixture.engine.pages.presentCount == 0)
     }
 
     @Test func aCorruptedPageFrameIsRejectedByItsChecksum() throws {
@@ -107,14 +107,14 @@ func expectPeerError(_ result: () throws -> DestinationReport, contains text: St
         frame[frame.count - 100] ^= 0x40  // one flipped bit in the page contents
         try frame.withUnsafeBytes { try TCP.sendAll(channels[.bulk]!.descriptor.rawValue, $0) }
         expectPeerError({ try run.value() }, contains: "checksum")
-        #expect(fixture.engine.pages.present.count == 0)
+        #expect(fixture.engine.pages.presentCount == 0)
     }
 
     @Test func aWrongSessionIsRefusedAtTheHandshake() throws {
         let fixture = try DestinationFixture()
         let run = fixture.run()
         let fd = try TCP.connect(to: fixture.endpoint, timeoutMillis: 5000)
-        let connection = PeerConnection(descriptor: fd, channel: .control,
+        let connection = PeerChannel(descriptor: fd, channel: .control,
                                         context: PeerDecodeContext(regionPages: fixture.pages))
         try connection.send(.hello(PeerHello(role: .source, channel: 1, sessionID: 12345, vmName: "other",
                                               regionPages: fixture.pages, nonce: .random())))
@@ -135,10 +135,10 @@ func expectPeerError(_ result: () throws -> DestinationReport, contains text: St
         let box = ListenerBox(listener)
         // A fake destination: welcomes all three channels, then acknowledges a page that does not exist.
         let fake = Background("fake-dst") { () -> Int in
-            var connections: [PeerConnection] = []
+            var connections: [PeerChannel] = []
             for _ in 0..<3 {
                 let fd = try TCP.accept(box.listener, timeoutMillis: 5000)
-                let c = PeerConnection(descriptor: fd, channel: .control, context: PeerDecodeContext(regionPages: pages))
+                let c = PeerChannel(descriptor: fd, channel: .control, context: PeerDecodeContext(regionPages: pages))
                 guard case .hello(let hello) = try c.receive(timeoutMillis: 5000) else { return 1 }
                 try c.send(.welcome(PeerWelcome(version: 1, sessionID: hello.sessionID)))
                 c.channel = PeerChannelKind(rawValue: hello.channel)!

@@ -169,56 +169,66 @@ extension Userfaultfd {
     /// UFFDIO_COPY: atomically fills missing pages at `destination` from `source` and wakes faulters.
     public func copy(to destination: UInt, from source: UnsafeRawPointer, length: Int,
                      wake: Bool = true) throws(SyscallError) -> Placement {
-        var done: Int64 = 0
-        var rc: Int
-        repeat {
-            rc = epc_uffd_copy(descriptor.rawValue, UInt64(destination), UInt64(UInt(bitPattern: source)),
-                               UInt64(length), wake ? 0 : EPC_UFFDIO_COPY_MODE_DONTWAKE, &done)
-        } while rc == -Int(EINTR)
-        return try Self.placement("UFFDIO_COPY", rc: rc, done: done)
+        try Self.copy(fd: descriptor.rawValue, to: destination, from: source, length: length, wake: wake)
     }
 
     /// UFFDIO_ZEROPAGE: maps zero-filled pages (free pages and holes are never fetched).
     public func zeroPage(at start: UInt, length: Int, wake: Bool = true) throws(SyscallError) -> Placement {
-        var done: Int64 = 0
-        var rc: Int
-        repeat {
-            rc = epc_uffd_zeropage(descriptor.rawValue, UInt64(start), UInt64(length),
-                                   wake ? 0 : EPC_UFFDIO_ZEROPAGE_MODE_DONTWAKE, &done)
-        } while rc == -Int(EINTR)
-        return try Self.placement("UFFDIO_ZEROPAGE", rc: rc, done: done)
+        try Self.zeroPage(fd: descriptor.rawValue, at: start, length: length, wake: wake)
     }
 
     /// UFFDIO_CONTINUE: maps pages already in the page cache (written through the engine's own
     /// mapping of the file) into the registered range without copying. MINOR mode only.
     public func `continue`(at start: UInt, length: Int, wake: Bool = true) throws(SyscallError) -> Placement {
-        var done: Int64 = 0
-        var rc: Int
-        repeat {
-            rc = epc_uffd_continue(descriptor.rawValue, UInt64(start), UInt64(length),
-                                   wake ? 0 : EPC_UFFDIO_CONTINUE_MODE_DONTWAKE, &done)
-        } while rc == -Int(EINTR)
-        return try Self.placement("UFFDIO_CONTINUE", rc: rc, done: done)
+        try Self.continue(fd: descriptor.rawValue, at: start, length: length, wake: wake)
     }
 
     /// UFFDIO_WAKE: wakes threads blocked on faults in the range (after EEXIST, or after DONTWAKE).
     public func wake(start: UInt, length: Int) throws(SyscallError) {
-        _ = try Syscall.check("UFFDIO_WAKE") { epc_uffd_wake(descriptor.rawValue, UInt64(start), UInt64(length)) }
+        try Self.wake(fd: descriptor.rawValue, start: start, length: length)
     }
 
-    /// Answers a fault on the page at `address` with a zero page, on a descriptor the caller does not own (the
-    /// fault thread's and the destination engine's): UFFDIO_ZEROPAGE wakes the faulting threads; if the page was
-    /// mapped meanwhile (`.alreadyPresent`) they are woken with UFFDIO_WAKE. `.retry` is returned as is.
-    static func zeroFillPage(fd: Int32, address: UInt) throws(SyscallError) -> Placement {
+    // The same ioctls on a descriptor the caller does not own as a `Userfaultfd` (a hand-over from the
+    // shim, or a takeover): the engine's Placement is built on these. Each retries EINTR; EEXIST, EAGAIN,
+    // ENOENT/ESRCH come back as `Placement` values (see the list above), anything else throws.
+
+    static func copy(fd: Int32, to destination: UInt, from source: UnsafeRawPointer, length: Int,
+                     wake: Bool = true) throws(SyscallError) -> Placement {
         var done: Int64 = 0
         var rc: Int
         repeat {
-            rc = epc_uffd_zeropage(fd, UInt64(address), UInt64(PageGeometry.size), 0, &done)
+            rc = epc_uffd_copy(fd, UInt64(destination), UInt64(UInt(bitPattern: source)),
+                               UInt64(length), wake ? 0 : EPC_UFFDIO_COPY_MODE_DONTWAKE, &done)
         } while rc == -Int(EINTR)
-        let result = try placement("UFFDIO_ZEROPAGE", rc: rc, done: done)
-        if case .alreadyPresent = result {
-            _ = try Syscall.check("UFFDIO_WAKE") { epc_uffd_wake(fd, UInt64(address), UInt64(PageGeometry.size)) }
-        }
-        return result
+        return try placement("UFFDIO_COPY", rc: rc, done: done)
+    }
+
+    static func zeroPage(fd: Int32, at start: UInt, length: Int, wake: Bool = true) throws(SyscallError) -> Placement {
+        var done: Int64 = 0
+        var rc: Int
+        repeat {
+            rc = epc_uffd_zeropage(fd, UInt64(start), UInt64(length),
+                                   wake ? 0 : EPC_UFFDIO_ZEROPAGE_MODE_DONTWAKE, &done)
+        } while rc == -Int(EINTR)
+        return try placement("UFFDIO_ZEROPAGE", rc: rc, done: done)
+    }
+
+    static func `continue`(fd: Int32, at start: UInt, length: Int, wake: Bool = true) throws(SyscallError) -> Placement {
+        var done: Int64 = 0
+        var rc: Int
+        repeat {
+            rc = epc_uffd_continue(fd, UInt64(start), UInt64(length),
+                                   wake ? 0 : EPC_UFFDIO_CONTINUE_MODE_DONTWAKE, &done)
+        } while rc == -Int(EINTR)
+        return try placement("UFFDIO_CONTINUE", rc: rc, done: done)
+    }
+
+    static func wake(fd: Int32, start: UInt, length: Int) throws(SyscallError) {
+        _ = try Syscall.check("UFFDIO_WAKE") { epc_uffd_wake(fd, UInt64(start), UInt64(length)) }
+    }
+
+    /// UFFDIO_UNREGISTER. EINVAL: the range is not (or no longer) registered with this uffd.
+    static func unregister(fd: Int32, start: UInt, length: Int) throws(SyscallError) {
+        _ = try Syscall.check("UFFDIO_UNREGISTER") { epc_uffd_unregister(fd, UInt64(start), UInt64(length)) }
     }
 }

@@ -64,7 +64,7 @@ extension DestinationMemory {
     public init(handover: consuming UffdHandover) throws(SyscallError) {
         let mode: PlacementMode = .copy
         self.init(uffd: try handover.uffd.duplicate(), hostAddress: UInt(handover.hostVirtualAddress),
-                  length: Int(handover.length), firstPage: handover.fileOffset >> PageGeometry.shift, mode: mode)
+                  length: Int(handover.length), firstPage: PageIndex(rawValue: handover.fileOffset >> PageGeometry.shift), mode: mode)
     }
 
     /// Takes the uffd over from the process that owns guest memory; `present` receives the pages the
@@ -75,9 +75,10 @@ extension DestinationMemory {
         let uffd = try UffdHandoverListener.takeOver(pid: state.pid, remoteFD: state.remoteUffdFD)
         present = try residentPages(path: state.path, offset: state.fileOffset, length: state.length)
         let memory = DestinationMemory(uffd: uffd, hostAddress: UInt(state.hostAddress), length: Int(state.length),
-                                       firstPage: state.fileOffset >> PageGeometry.shift, mode: .copy)
+                                       firstPage: PageIndex(rawValue: state.fileOffset >> PageGeometry.shift),
+                                       mode: .copy)
         // Re-raise faults the previous engine read and never answered.
-        _ = epc_uffd_wake(memory.uffd.rawValue, state.hostAddress, state.length)
+        try memory.placement.wakeAll()
         return memory
     }
 

@@ -1,5 +1,7 @@
-// Blocking framed I/O on one peer channel, for the handshake and for tests. Once a session runs, the
-// channels are driven by io_uring loops instead; both use the same framing and decoder.
+// One connection between two engines: blocking framed I/O for the handshake (Handshake.swift) and for
+// tests. Once a session runs, the channel's descriptor is driven by a ChannelLoop instead, which takes
+// over the bytes already read past the last frame; both use the same framing and decoder. This is the
+// seam where reconnect, per-frame sealing and keepalives land.
 
 import CEpcopyLinux
 import EpcopyProtocol
@@ -23,49 +25,9 @@ public enum PeerChannelKind: UInt8, Sendable, CaseIterable, CustomStringConverti
     }
 }
 
-/// What can go wrong between two engines, with the step that failed.
-public enum PeerError: Error, CustomStringConvertible, Equatable {
-    case syscall(String, SyscallError)
-    case protocolViolation(String, ProtocolError)
-    case unexpected(String)
-    case closed(String)
-    case aborted(code: UInt16, reason: String)
-    case timedOut(String)
-
-    public var description: String {
-        switch self {
-        case .syscall(let step, let e): "\(step): \(e)"
-        case .protocolViolation(let step, let e): "\(step): peer sent an invalid frame: \(e)"
-        case .unexpected(let text): text
-        case .closed(let step): "\(step): the peer closed the connection"
-        case .aborted(let code, let reason): "the peer aborted the migration (code \(code)): \(reason)"
-        case .timedOut(let step): "\(step): timed out"
-        }
-    }
-}
-
-extension PeerError {
-    /// The peer went away (closed, reset, broken pipe) rather than saying something wrong.
-    public var isConnectionLoss: Bool {
-        switch self {
-        case .closed: return true
-        case .syscall(_, let error): return [ECONNRESET, EPIPE, ECONNABORTED].contains(error.errno)
-        default: return false
-        }
-    }
-}
-
-/// Hardware CRC32C when the CPU has it (8–10 GB/s against ~1 GB/s for the table version).
-public let fastChecksum: ChecksumFunction = makeFastChecksum()
-
-private func makeFastChecksum() -> ChecksumFunction {
-    guard epc_cpu_has_sse42() != 0 else { return CRC32C.software }
-    return { (bytes: UnsafeRawBufferPointer, seed: UInt32) -> UInt32 in
-        epc_crc32c_hw(seed, bytes.baseAddress, bytes.count)
-    }
-}
-
-public final class PeerConnection {
+public final class PeerChannel: @unchecked Sendable {
+    // SAFETY (@unchecked): a channel is used by one thread at a time — the thread that ran the handshake
+    // hands it to the loop thread that drives it from then on, and never touches it again.
     public let descriptor: FileDescriptor
     /// Known once the peer has said which channel this is (the destination accepts in any order).
     public var channel: PeerChannelKind

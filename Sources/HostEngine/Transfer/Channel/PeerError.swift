@@ -1,0 +1,50 @@
+// What can go wrong between two engines, with the step that failed, and the frame checksum both ends
+// use. Shared by every channel: the handshake, the blocking channel and the io_uring loops.
+
+import CEpcopyLinux
+import EpcopyProtocol
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What can go wrong between two engines, with the step that failed.
+public enum PeerError: Error, CustomStringConvertible, Equatable {
+    case syscall(String, SyscallError)
+    case protocolViolation(String, ProtocolError)
+    case unexpected(String)
+    case closed(String)
+    case aborted(code: UInt16, reason: String)
+    case timedOut(String)
+
+    public var description: String {
+        switch self {
+        case .syscall(let step, let e): "\(step): \(e)"
+        case .protocolViolation(let step, let e): "\(step): peer sent an invalid frame: \(e)"
+        case .unexpected(let text): text
+        case .closed(let step): "\(step): the peer closed the connection"
+        case .aborted(let code, let reason): "the peer aborted the migration (code \(code)): \(reason)"
+        case .timedOut(let step): "\(step): timed out"
+        }
+    }
+}
+
+extension PeerError {
+    /// The peer went away (closed, reset, broken pipe) rather than saying something wrong.
+    public var isConnectionLoss: Bool {
+        switch self {
+        case .closed: return true
+        case .syscall(_, let error): return [ECONNRESET, EPIPE, ECONNABORTED].contains(error.errno)
+        default: return false
+        }
+    }
+}
+
+/// Hardware CRC32C when the CPU has it (8–10 GB/s against ~1 GB/s for the table version).
+public let fastChecksum: ChecksumFunction = makeFastChecksum()
+
+private func makeFastChecksum() -> ChecksumFunction {
+    guard epc_cpu_has_sse42() != 0 else { return CRC32C.software }
+    return { (bytes: UnsafeRawBufferPointer, seed: UInt32) -> UInt32 in
+        epc_crc32c_hw(seed, bytes.baseAddress, bytes.count)
+    }
+}

@@ -1,0 +1,122 @@
+// The destination's main loop, on the engine's calling thread: the bulk push comes in (BulkFrameReceiver),
+// the source's control messages come in (zero ranges, done, abort), and acknowledgements, freed pages, the
+// free-scan marker and finally `done` go out on the control channel. It ends when every page is present
+// or zero and the last acknowledgement has left: that is what lets the source release its last page.
+
+import EpcopyProtocol
+
+final class DestinationBulkLoop {
+    private let control: PeerChannel
+    private let bulk: PeerChannel
+    private let placer: PagePlacer
+    private let counters: ReceiveCounters
+    private let link: LinkSpec
+    private let timeline: Timeline
+    /// The guest's free scan, when it is in: (agent answered, pages reported). Set from another thread.
+    private let takeFreeScanDone: () -> (Bool, UInt64)?
+    /// A failure of another destination thread, checked every turn.
+    private let failure: () -> PeerError?
+    /// Acknowledge at least this often, even if fewer than 4096 pages were placed.
+    static let ackIntervalNanos: UInt64 = 5_000_000
+
+    init(control: PeerChannel, bulk: PeerChannel, placer: PagePlacer, counters: ReceiveCounters, link: LinkSpec,
+         timeline: Timeline, takeFreeScanDone: @escaping () -> (Bool, UInt64)?, failure: @escaping () -> PeerError?) {
+        self.control = control
+        self.bulk = bulk
+        self.placer = placer
+        self.counters = counters
+        self.link = link
+        self.timeline = timeline
+        self.takeFreeScanDone = takeFreeScanDone
+        self.failure = failure
+    }
+
+    func run() throws {
+        let loop = try ChannelLoop(entries: 64)
+        let pages = placer.pages
+        let metrics = placer.metrics
+        let controlQueue = loop.sendQueue(fd: control.descriptor.rawValue, kind: .control,
+                                          shaper: LinkShaper(LinkSpec(delayNanos: link.delayNanos)))
+        var sourceDone = false
+        var finished = false
+        let receiver = BulkFrameReceiver(channel: bulk, loop: loop, placer: placer, counters: counters)
+        try loop.receive(on: control, onMessage: { [placer] message in
+            switch message {
+            case .zeroPages(let set):
+                let t0 = monotonicNanos()
+                try placer.markZero(set)
+                Trace.log("destination: \(set.count) zero pages marked in \((monotonicNanos() - t0) / 1000) us")
+            case .done:
+                sourceDone = true
+            case .abort(let a):
+                throw PeerError.aborted(code: a.code, reason: a.reason)
+            default:
+                throw PeerError.unexpected("control channel: unexpected \(message.kind) from the source")
+            }
+        }, onClosed: {
+            if !finished { throw PeerError.closed("control channel") }
+        })
+        loop.on(.bulkReceive) { completion in try receiver.complete(completion, mayClose: sourceDone) }
+        try receiver.arm()
+        var lastAck = monotonicNanos()
+        var lastSample: UInt64 = 0
+        var sentDone = false
+        func send(_ message: PeerMessage, _ now: UInt64) {
+            controlQueue.enqueue(OutgoingFrame(bytes: message.encodedFrame(checksum: fastChecksum)), now: now)
+        }
+        while true {
+            let now = monotonicNanos()
+            let ackDue = now - lastAck > Self.ackIntervalNanos
+            let acks = placer.takeAcknowledgements(force: ackDue)
+            if !acks.isEmpty {
+                for chunk in acks.chunked(maxRanges: 4096) { send(.ack(chunk), now) }
+                lastAck = now
+            } else if ackDue { lastAck = now }
+            // Taken before the freed pages, so the marker never overtakes a freePages it stands for.
+            let scanDone = takeFreeScanDone()
+            for chunk in pages.takeFreedNotPresent().chunked(maxRanges: 4096) where !chunk.isEmpty {
+                send(.freePages(chunk), now)
+            }
+            if let (answered, reported) = scanDone {
+                send(.freeScanDone(agentAnswered: answered, pagesReported: reported), now)
+            }
+            if now - lastSample > 100_000_000 {
+                lastSample = now
+                let bytes = counters.bytes.load(ordering: .relaxed)
+                let faults = metrics.faults.load(ordering: .relaxed)
+                Trace.log("dst: known \(pages.knownCount)/\(pages.regionPages) present \(pages.presentCount) "
+                          + "bytes \(bytes) faults \(faults) \(receiver.traceState)")
+                timeline.sample(pagesPresent: pages.presentCount, bytesReceived: bytes, faults: faults, now: now)
+            }
+            if !sentDone, pages.isComplete, !placer.hasUnacknowledged {
+                sentDone = true
+                finished = true
+                receiver.finished = true
+                let snapshot = metrics.snapshot()
+                send(.done(PeerDone(pagesSent: snapshot.bulkPages + snapshot.urgentPages,
+                                    bytesSent: counters.bytes.load(ordering: .relaxed))), now)
+            }
+            if sentDone, controlQueue.isIdle { break }
+            try loop.turn(now: now, maxWaitNanos: 5_000_000)
+            if let error = failure() { throw error }
+        }
+    }
+}
+
+extension PageSet {
+    /// Splits a set into sets of at most `maxRanges` ranges (messages have size limits).
+    func chunked(maxRanges: Int) -> [PageSet<Unit>] {
+        guard rangeCount > maxRanges else { return [self] }
+        var out: [PageSet<Unit>] = []
+        var current: [PageRange<Unit>] = []
+        for range in ranges {
+            current.append(range)
+            if current.count == maxRanges {
+                out.append(PageSet(ranges: current))
+                current = []
+            }
+        }
+        if !current.isEmpty { out.append(PageSet(ranges: current)) }
+        return out
+    }
+}
