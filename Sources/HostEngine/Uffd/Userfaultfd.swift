@@ -194,33 +194,30 @@ extension Userfaultfd {
 
     static func copy(fd: Int32, to destination: UInt, from source: UnsafeRawPointer, length: Int,
                      wake: Bool = true) throws(SyscallError) -> Placement {
-        var done: Int64 = 0
-        var rc: Int
-        repeat {
-            rc = epc_uffd_copy(fd, UInt64(destination), UInt64(UInt(bitPattern: source)),
-                               UInt64(length), wake ? 0 : EPC_UFFDIO_COPY_MODE_DONTWAKE, &done)
-        } while rc == -Int(EINTR)
-        return try placement("UFFDIO_COPY", rc: rc, done: done)
+        try placing("UFFDIO_COPY") { done in
+            epc_uffd_copy(fd, UInt64(destination), UInt64(UInt(bitPattern: source)), UInt64(length),
+                          wake ? 0 : EPC_UFFDIO_COPY_MODE_DONTWAKE, &done)
+        }
     }
 
     static func zeroPage(fd: Int32, at start: UInt, length: Int, wake: Bool = true) throws(SyscallError) -> Placement {
-        var done: Int64 = 0
-        var rc: Int
-        repeat {
-            rc = epc_uffd_zeropage(fd, UInt64(start), UInt64(length),
-                                   wake ? 0 : EPC_UFFDIO_ZEROPAGE_MODE_DONTWAKE, &done)
-        } while rc == -Int(EINTR)
-        return try placement("UFFDIO_ZEROPAGE", rc: rc, done: done)
+        try placing("UFFDIO_ZEROPAGE") { done in
+            epc_uffd_zeropage(fd, UInt64(start), UInt64(length), wake ? 0 : EPC_UFFDIO_ZEROPAGE_MODE_DONTWAKE, &done)
+        }
     }
 
     static func `continue`(fd: Int32, at start: UInt, length: Int, wake: Bool = true) throws(SyscallError) -> Placement {
+        try placing("UFFDIO_CONTINUE") { done in
+            epc_uffd_continue(fd, UInt64(start), UInt64(length), wake ? 0 : EPC_UFFDIO_CONTINUE_MODE_DONTWAKE, &done)
+        }
+    }
+
+    /// Runs a placement ioctl (retrying EINTR) and classifies its result.
+    private static func placing(_ call: String, _ ioctl: (inout Int64) -> Int) throws(SyscallError) -> Placement {
         var done: Int64 = 0
         var rc: Int
-        repeat {
-            rc = epc_uffd_continue(fd, UInt64(start), UInt64(length),
-                                   wake ? 0 : EPC_UFFDIO_CONTINUE_MODE_DONTWAKE, &done)
-        } while rc == -Int(EINTR)
-        return try placement("UFFDIO_CONTINUE", rc: rc, done: done)
+        repeat { rc = ioctl(&done) } while rc == -Int(EINTR)
+        return try placement(call, rc: rc, done: done)
     }
 
     static func wake(fd: Int32, start: UInt, length: Int) throws(SyscallError) {
