@@ -16,6 +16,8 @@ public final class MessageStream {
     public let context: PeerDecodeContext
     public private(set) var closed = false
     public private(set) var bytesReceived: UInt64 = 0
+    /// Monotonic time of the last bytes from the peer: the hook for keepalives and black-hole detection.
+    public private(set) var lastReceivedNanos: UInt64 = monotonicNanos()
 
     public init(fd: Int32, tag: UInt64, channel: PeerChannelKind, ring: Ring, group: UInt16,
                 context: PeerDecodeContext, alreadyRead: [UInt8] = []) throws(SyscallError) {
@@ -64,6 +66,7 @@ public final class MessageStream {
         decoder.append(buffers.bytes(id: id, length: n))
         buffers.recycle(id: id)
         bytesReceived += UInt64(n)
+        lastReceivedNanos = monotonicNanos()
         if !completion.more { try arm(ring) }
         try decodeAll(body)
     }
