@@ -137,7 +137,9 @@ public final class FaultService: @unchecked Sendable {
     }
 
     /// A fault on a page known to be zero: map a zero page (which wakes the faulting thread). EAGAIN means a
-    /// remove event is unread; this thread is the only reader, so the retry happens here.
+    /// remove event is unread. It is retried in place, as before: if that event sits behind the batch this
+    /// thread just read, the loop spins until it is read — never seen in a run, but it wants a retry after the
+    /// next read instead.
     private func zeroFill(_ page: PageIndex) throws(SyscallError) {
         metrics.faultsZeroFilled.add(1, ordering: .relaxed)
         while case .retry = try placement.zeroFill(page) {}
