@@ -49,7 +49,8 @@ public struct PeerHello: Equatable, Sendable {
 
     /// The sender's role.
     public let role: PeerRole
-    /// Which of the session's connections this is: 1 control, 2 urgent (faults), 3 bulk (push).
+    /// Which connection this is: 1 control, 2 urgent (faults), 3 bulk (push) of a session; 4 a daemon's
+    /// control link (requests between daemons and their clients, no session).
     public let channel: UInt8
     /// Wire versions the sender supports.
     public let versions: ClosedRange<UInt8>
@@ -88,8 +89,8 @@ public struct PeerHello: Equatable, Sendable {
         guard UInt64(pageSize) == PageGeometry.size else {
             throw .invalidField(message: message, field: "pageSize", reason: "\(pageSize), only 4096 is supported")
         }
-        guard (1...3).contains(channel) else {
-            throw .invalidField(message: message, field: "channel", reason: "\(channel), must be 1...3")
+        guard (1...4).contains(channel) else {
+            throw .invalidField(message: message, field: "channel", reason: "\(channel), must be 1...4")
         }
         self.role = role
         self.channel = channel

@@ -21,16 +21,14 @@ struct DaemonOptions: ParsableArguments {
 
     func connect() throws -> ControlChannel {
         let endpoint = try parseEndpoint(daemon, option: "--daemon")
-        let channel = try ControlChannel.connect(endpoint)
-        try channel.authenticateAsClient(key: try key())
-        return channel
+        return try ControlChannel.connect(endpoint, key: try key())
     }
 
-    func request(_ object: [String: Any], timeoutMillis: Int32 = 120_000) throws -> [String: Any] {
+    func request(_ request: ControlRequest, timeoutMillis: Int32 = 120_000) throws -> ControlReply {
         do {
             let channel = try connect()
-            try channel.send(object)
-            return try channel.receive(timeoutMillis: timeoutMillis)
+            try channel.send(request)
+            return try channel.receiveReply(timeoutMillis: timeoutMillis)
         } catch let error as ControlError {
             throw CLIError("\(error)")
         }
@@ -126,12 +124,14 @@ struct VMStart: ParsableCommand {
 
     func run() throws {
         let absolute = { (path: String) in URL(fileURLWithPath: path).standardizedFileURL.path }
-        var spec: [String: Any] = ["name": name, "memoryMiB": memory, "vcpus": 1, "kernel": absolute(kernel),
-                                   "initrd": absolute(initrd), "append": append, "accel": QEMUConfig.defaultAccel()]
-        if let disk { spec["disk"] = absolute(disk) }
-        if !forwards.isEmpty { spec["forwards"] = forwards.map { Int($0) } }
-        let reply = try daemon.request(["op": "vm.start", "name": name, "spec": spec])
-        print("started \(name): pid \(reply["pid"] ?? "?"), RAM in \(reply["ram_file"] ?? "?")")
+        var spec = VMSpec(name: name, memoryMiB: memory, kernel: absolute(kernel), initrd: absolute(initrd),
+                          append: append)
+        spec.disk = disk.map(absolute)
+        spec.forwards = forwards.isEmpty ? nil : forwards
+        guard case .started(_, let pid, let ramFile) = try daemon.request(.vmStart(name: name, spec: spec)) else {
+            throw CLIError("the daemon answered vm start with something else")
+        }
+        print("started \(name): pid \(pid), RAM in \(ramFile)")
     }
 }
 
@@ -139,10 +139,11 @@ struct VMList: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "list", abstract: "List a daemon's VMs.")
     @OptionGroup var daemon: DaemonOptions
     func run() throws {
-        let reply = try daemon.request(["op": "vm.list"])
-        for vm in reply["vms"] as? [[String: Any]] ?? [] {
-            print("\(vm["name"] ?? "?")\tpid \(vm["pid"] ?? "?")\t\(vm["memory_mib"] ?? "?") MiB\t"
-                  + ((vm["running"] as? Bool) == true ? "running" : "stopped"))
+        guard case .vms(let vms) = try daemon.request(.vmList) else {
+            throw CLIError("the daemon answered vm list with something else")
+        }
+        for vm in vms.sorted(by: { $0.name < $1.name }) {
+            print("\(vm.name)\tpid \(vm.pid)\t\(vm.memoryMiB) MiB\t" + (vm.running ? "running" : "stopped"))
         }
     }
 }
@@ -151,14 +152,19 @@ struct VMStop: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "stop", abstract: "Stop a VM and free its memory.")
     @Argument var name: String
     @OptionGroup var daemon: DaemonOptions
-    func run() throws { _ = try daemon.request(["op": "vm.stop", "name": name]) }
+    func run() throws { _ = try daemon.request(.vmStop(name: name)) }
 }
 
 struct VMSerial: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "serial", abstract: "Print the end of a VM's serial console.")
     @Argument var name: String
     @OptionGroup var daemon: DaemonOptions
-    func run() throws { print(try daemon.request(["op": "vm.serial", "name": name])["log"] as? String ?? "") }
+    func run() throws {
+        guard case .serial(let log) = try daemon.request(.vmSerial(name: name)) else {
+            throw CLIError("the daemon answered vm serial with something else")
+        }
+        print(log)
+    }
 }
 
 struct Migrate: ParsableCommand {
@@ -194,87 +200,33 @@ struct Migrate: ParsableCommand {
 
     func run() throws {
         let showProgress = !output.json && isatty(STDOUT_FILENO) != 0
-        let result: [String: Any]
+        let options = MigrationRequestOptions(mode: MigrationMode(rawValue: mode)!, verify: verify, agent: !noAgent,
+                                              agentTimeoutMillis: agentTimeoutMs)
+        let result: MigrationResult
         do {
             let channel = try daemon.connect()
-            try channel.send(["op": "migrate", "name": name, "to": to, "mode": mode, "verify": verify,
-                              "agent": !noAgent, "agent_timeout_ms": agentTimeoutMs])
-            var reply = try channel.receive(timeoutMillis: 3_600_000)
-            while let progress = reply["progress"] as? [String: Any] {
-                if showProgress { ProgressBar.draw(progress, label: "\(name) → \(to) (\(mode))") }
-                reply = try channel.receive(timeoutMillis: 3_600_000)
+            try channel.send(.migrate(MigrateRequest(name: name, to: to, options: options)))
+            var reply = try channel.receiveReply(timeoutMillis: 3_600_000)
+            while case .progress(let moved, let total) = reply {
+                if showProgress { ProgressBar.draw(moved: moved, total: total, label: "\(name) → \(to) (\(mode))") }
+                reply = try channel.receiveReply(timeoutMillis: 3_600_000)
             }
             if showProgress { print("") }
-            guard let r = reply["result"] as? [String: Any] else { throw CLIError("the daemon returned no result") }
+            guard case .result(let r) = reply else { throw CLIError("the daemon returned no result") }
             result = r
         } catch let error as ControlError {
             if showProgress { print("") }
             throw CLIError("\(error)")
         }
         if output.json {
-            let data = try JSONSerialization.data(withJSONObject: result, options: [.sortedKeys, .prettyPrinted])
-            print(String(decoding: data, as: UTF8.self))
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.sortedKeys, .prettyPrinted]
+            print(String(decoding: try encoder.encode(result), as: UTF8.self))
         } else {
             print(MigrationTable.header)
             print(MigrationTable.row(result))
             if let line = MigrationTable.agentLine(result) { print(line) }
         }
-        if (result["mismatched_pages"] as? Int ?? 0) != 0 || (result["guest_verdict"] as? String) != "OK" {
-            throw ExitCode(1)
-        }
-    }
-}
-
-enum MigrationTable {
-    static let header = "mode         downtime_ms  t_release_ms  bytes_wire   faults  before_resume  compared  mismatched  guest"
-    static func row(_ r: [String: Any]) -> String {
-        func n(_ key: String) -> Double { (r[key] as? NSNumber)?.doubleValue ?? 0 }
-        return String(format: "%-12@ %11.1f  %12.1f  %10.0f  %7.0f  %13.0f  %8.0f  %10.0f  %@",
-                      (r["mode"] as? String ?? "?") as NSString, n("downtime_ms"), n("t_release_ms"), n("bytes_wire"),
-                      n("faults"), n("faults_before_resume"), n("pages_compared"), n("mismatched_pages"),
-                      (r["guest_verdict"] as? String ?? "?") as NSString)
-    }
-}
-
-extension MigrationTable {
-    /// What the guest agent contributed, in words (enlightened mode only).
-    static func agentLine(_ r: [String: Any]) -> String? {
-        guard r["mode"] as? String == "enlightened", let enlightened = r["enlightened"] as? Bool else { return nil }
-        let notes = (r["agent_notes"] as? [String] ?? []).joined(separator: "; ")
-        guard enlightened else {
-            return "no guest agent answered: plain external post-copy with neighbour prefetch"
-                + (notes.isEmpty ? "" : " (\(notes))")
-        }
-        var parts: [String] = []
-        if let age = r["agent_report_age_ms"] as? NSNumber {
-            parts.append(String(format: "hot report kept in the background (%.1f s old)", age.doubleValue / 1000))
-        } else if let ms = r["agent_report_ms"] as? NSNumber {
-            parts.append(String(format: "hot report %.1f ms", ms.doubleValue))
-        }
-        if let classes = r["pages_by_class"] as? [String: Any] {
-            let order = ["device", "kernel", "recent", "in_use", "believed_free", "unclassified"]
-            parts.append("pushed " + order.compactMap { k in (classes[k] as? NSNumber).map { "\(k) \($0)" } }.joined(separator: ", "))
-        }
-        if let free = r["pages_reported_free"] as? NSNumber, let ms = r["free_scan_ms"] as? NSNumber {
-            parts.append(String(format: "free scan %.1f ms: %d pages free", ms.doubleValue, free.intValue))
-        }
-        if let skipped = r["pages_skipped_free"] as? NSNumber { parts.append("\(skipped) never sent") }
-        if !notes.isEmpty { parts.append("notes: \(notes)") }
-        return "guest agent: " + parts.joined(separator: "; ")
-    }
-}
-
-/// One line, redrawn in place: how much of the VM's memory has moved.
-enum ProgressBar {
-    static func draw(_ progress: [String: Any], label: String) {
-        let moved = (progress["bytes"] as? NSNumber)?.doubleValue ?? 0
-        let total = max((progress["total"] as? NSNumber)?.doubleValue ?? 1, 1)
-        let fraction = min(moved / total, 1)
-        let width = 30
-        let filled = Int(fraction * Double(width))
-        let bar = String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled)
-        let text = String(format: "\r%@ [%@] %3.0f%%  %.0f / %.0f MiB", label, bar, fraction * 100,
-                          moved / 1_048_576, total / 1_048_576)
-        FileHandle.standardOutput.write(Data(text.utf8))
+        if result.mismatchedPages != 0 || result.guestVerdict != "OK" { throw ExitCode(1) }
     }
 }

@@ -33,7 +33,7 @@ final class DestinationFixture: @unchecked Sendable {
     /// Opens the three channels with a valid handshake, as a real source would.
     func handshake() throws -> [PeerChannelKind: PeerChannel] {
         var channels: [PeerChannelKind: PeerChannel] = [:]
-        for kind in PeerChannelKind.allCases {
+        for kind in [PeerChannelKind.control, .urgent, .bulk] {
             let fd = try TCP.connect(to: endpoint, timeoutMillis: 5000)
             let connection = PeerChannel(descriptor: fd, channel: kind, context: PeerDecodeContext(regionPages: pages))
             try connection.send(.hello(PeerHello(role: .source, channel: kind.rawValue, sessionID: session,

@@ -63,8 +63,8 @@ private let name = "peer message "
             try decodePeer(.hello, payload(hello, patching: 0, with: [3]))
         }
         #expect(throws: ProtocolError.invalidField(message: name + "hello", field: "channel",
-                                                   reason: "4, must be 1...3")) {
-            try decodePeer(.hello, payload(hello, patching: 1, with: [4]))
+                                                   reason: "5, must be 1...4")) {
+            try decodePeer(.hello, payload(hello, patching: 1, with: [5]))
         }
         #expect(throws: ProtocolError.invalidField(message: name + "hello", field: "versions",
                                                    reason: "minimum version 2 above maximum 1")) {

@@ -1,7 +1,8 @@
-// The daemons' control connection: JSON objects, one per line, over TCP, after a mutual HMAC
-// challenge-response with the host's shared key (the same construction the engines use). Every line
-// off the network is untrusted: bounded in size, parsed as JSON, and checked field by field by its
-// handler; a malformed or oversized line ends the connection with an error, never the daemon.
+// The daemons' control link: a PeerChannel opened with the engines' handshake (hello, mutual HMAC with
+// the host's shared key, version, welcome) as a `daemon` channel, then carrying ControlRequest and
+// ControlReply values as JSON, one per line. Every line off the network is untrusted: bounded in size
+// and decoded into the typed messages: a line that does not decode is answered with an error naming
+// what was wrong, an oversized line ends that connection; neither ends the daemon.
 
 import EpcopyProtocol
 import Foundation
@@ -23,25 +24,57 @@ public enum ControlError: Error, CustomStringConvertible {
 }
 
 public final class ControlChannel: @unchecked Sendable {
-    // SAFETY (@unchecked): one channel is used by one thread at a time.
-    public let descriptor: FileDescriptor
-    private var buffer: [UInt8] = []
+    // SAFETY (@unchecked): receives come from one thread; sends are serialised by `sendLock`.
+    private let peer: PeerChannel
+    private var buffer: [UInt8]
     /// Sends may come from a progress thread and the request thread at once; lines must not interleave.
     private let sendLock = NSLock()
-    /// Largest line accepted (page digests of a 4 GiB guest, base64, fit with room to spare).
+    /// Largest line accepted (page digests of a 4 GiB guest fit with room to spare).
     public static let maxLine = 32 << 20
 
-    public init(descriptor: consuming FileDescriptor) { self.descriptor = descriptor }
+    /// The handshake's identity on a daemon link: no session, no region.
+    static func identity(key: [UInt8]) -> ChannelIdentity {
+        ChannelIdentity(sessionID: 0, vmName: "epcopy-daemon", regionPages: 1, key: key)
+    }
 
-    public static func connect(_ endpoint: Endpoint, timeoutMillis: Int32 = 10_000) throws -> ControlChannel {
-        do { return ControlChannel(descriptor: try TCP.connect(to: endpoint, timeoutMillis: timeoutMillis)) } catch {
+    private init(_ peer: PeerChannel) {
+        self.peer = peer
+        self.buffer = peer.takeBufferedBytes()
+    }
+
+    /// Client side (a CLI command, or a source daemon calling its peer): connect and prove we hold the key,
+    /// and make the daemon prove it too.
+    public static func connect(_ endpoint: Endpoint, key: [UInt8], timeoutMillis: Int32 = 10_000) throws -> ControlChannel {
+        do throws(PeerError) {
+            return ControlChannel(try PeerChannel.connect(to: endpoint, kind: .daemon, identity: identity(key: key),
+                                                          timeoutMillis: timeoutMillis, retryUntil: 0))
+        } catch .unexpected(let text) where text.contains("authentication") || text.contains("key") {
+            throw ControlError.refused(text)
+        } catch .aborted(_, let reason) {
+            throw ControlError.refused("the daemon at \(endpoint): \(reason)")
+        } catch {
             throw ControlError.io("cannot reach the epcopy daemon at \(endpoint): \(error)")
         }
     }
 
-    public func send(_ object: [String: Any]) throws {
-        let data = try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]) + Data([0x0A])
-        let fd = descriptor.rawValue
+    /// Daemon side, on a connection just accepted: the peer must prove it holds the key first.
+    public static func answer(_ fd: consuming FileDescriptor, key: [UInt8]) throws -> ControlChannel {
+        do throws(PeerError) {
+            return ControlChannel(try PeerChannel.answer(fd, identity: identity(key: key), kinds: [.daemon],
+                                                         timeoutMillis: 10_000))
+        } catch {
+            throw ControlError.refused("\(error)")
+        }
+    }
+
+    public func send(_ request: ControlRequest) throws { try sendLine(request) }
+    public func send(_ reply: ControlReply) throws { try sendLine(reply) }
+
+    private func sendLine(_ value: some Encodable) throws {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        let data = try encoder.encode(value) + Data([0x0A])
+        let fd = peer.descriptor.rawValue
         sendLock.lock()
         defer { sendLock.unlock() }
         let result: Result<Void, SyscallError> = data.withUnsafeBytes { raw in
@@ -50,20 +83,39 @@ public final class ControlChannel: @unchecked Sendable {
         if case .failure(let error) = result { throw ControlError.io("send to the peer: \(error)") }
     }
 
-    public func receive(timeoutMillis: Int32) throws -> [String: Any] {
+    /// The next request (daemon side).
+    public func receiveRequest(timeoutMillis: Int32) throws -> ControlRequest {
+        try decode(ControlRequest.self, try receiveLine(timeoutMillis: timeoutMillis))
+    }
+
+    /// The next reply (client side); an error reply is thrown as `ControlError.remote`.
+    public func receiveReply(timeoutMillis: Int32) throws -> ControlReply {
+        let reply = try decode(ControlReply.self, try receiveLine(timeoutMillis: timeoutMillis))
+        if case .error(let text) = reply { throw ControlError.remote(text) }
+        return reply
+    }
+
+    private func decode<T: Decodable>(_ type: T.Type, _ line: Data) throws -> T {
+        do { return try JSONDecoder().decode(type, from: line) } catch let error as DecodingError {
+            throw ControlError.protocolViolation(error.controlDescription)
+        }
+    }
+
+    private func receiveLine(timeoutMillis: Int32) throws -> Data {
         var chunk = [UInt8](repeating: 0, count: 65536)
+        // Only bytes that arrived since the last look are searched for the newline, so a long line costs
+        // one pass, not one pass per chunk.
+        var searched = 0
         while true {
-            if let newline = buffer.firstIndex(of: 0x0A) {
+            if let newline = buffer[searched...].firstIndex(of: 0x0A) {
                 let line = Data(buffer[..<newline])
                 buffer.removeSubrange(...newline)
-                guard let object = (try? JSONSerialization.jsonObject(with: line)) as? [String: Any] else {
-                    throw ControlError.protocolViolation("a line that is not a JSON object")
-                }
-                if let error = object["error"] as? String { throw ControlError.remote(error) }
-                return object
+                return line
             }
-            guard buffer.count <= Self.maxLine else { throw ControlError.protocolViolation("a line over \(Self.maxLine) bytes") }
-            let fd = descriptor.rawValue
+            searched = buffer.count
+            // An oversized line cannot be skipped safely (its end is unknown): the connection must end.
+            guard buffer.count <= Self.maxLine else { throw ControlError.refused("a line over \(Self.maxLine) bytes") }
+            let fd = peer.descriptor.rawValue
             let result: Result<Int, SyscallError> = chunk.withUnsafeMutableBytes { raw in
                 Result { () throws(SyscallError) in try TCP.receive(fd, into: raw, timeoutMillis: timeoutMillis) }
             }
@@ -78,48 +130,5 @@ public final class ControlChannel: @unchecked Sendable {
             if n == 0 { throw ControlError.io("the peer closed the connection") }
             buffer += chunk[0..<n]
         }
-    }
-
-    // MARK: authentication
-
-    /// Client side: prove we hold the key, and make the daemon prove it too.
-    public func authenticateAsClient(key: [UInt8]) throws {
-        let nonce = Bytes32.random()
-        try send(["op": "hello", "nonce": Data(nonce.bytes).base64EncodedString()])
-        let reply = try receive(timeoutMillis: 10_000)
-        guard let mac = Self.bytes32(reply["mac"]), let challenge = Self.bytes32(reply["challenge"]) else {
-            throw ControlError.protocolViolation("hello reply without mac and challenge")
-        }
-        guard mac.constantTimeEquals(HMACSHA256.response(key: key, challenge: nonce, sessionID: 0, role: .destination)) else {
-            throw ControlError.refused("the daemon's key does not match ours")
-        }
-        try send(["mac": Data(HMACSHA256.response(key: key, challenge: challenge, sessionID: 0, role: .source).bytes)
-            .base64EncodedString()])
-        _ = try receive(timeoutMillis: 10_000)
-    }
-
-    /// Daemon side: the first line must be a hello; an unauthenticated peer is refused.
-    public func authenticateAsServer(key: [UInt8]) throws {
-        let hello = try receive(timeoutMillis: 10_000)
-        guard hello["op"] as? String == "hello", let nonce = Self.bytes32(hello["nonce"]) else {
-            try? send(["error": "authentication required: send hello first"])
-            throw ControlError.refused("a peer that did not authenticate")
-        }
-        let challenge = Bytes32.random()
-        try send(["mac": Data(HMACSHA256.response(key: key, challenge: nonce, sessionID: 0, role: .destination).bytes)
-            .base64EncodedString(), "challenge": Data(challenge.bytes).base64EncodedString()])
-        let answer = try receive(timeoutMillis: 10_000)
-        guard let mac = Self.bytes32(answer["mac"]),
-              mac.constantTimeEquals(HMACSHA256.response(key: key, challenge: challenge, sessionID: 0, role: .source))
-        else {
-            try? send(["error": "authentication failed"])
-            throw ControlError.refused("a peer with the wrong key")
-        }
-        try send(["ok": true])
-    }
-
-    static func bytes32(_ value: Any?) -> Bytes32? {
-        guard let text = value as? String, let data = Data(base64Encoded: text) else { return nil }
-        return Bytes32([UInt8](data))
     }
 }

@@ -1,8 +1,9 @@
 // `epcopy serve`: the per-host engine daemon. It owns the VMs started through it, and on request plays
 // either side of a migration: the source ("migrate": prepare the peer, switch, push, release) or the
 // destination ("incoming": start QEMU under the shim, serve faults, report how the guest resumed).
-// Peers and clients authenticate with the host's shared key before anything else; each connection is
-// served on its own thread, and a failing request ends that request, never the daemon.
+// Peers and clients authenticate with the host's shared key before anything else (ControlChannel);
+// requests and replies are the typed ControlRequest/ControlReply. Each connection is served on its own
+// thread, and a failing or malformed request ends that request, never the daemon.
 
 import EpcopyProtocol
 import Foundation
@@ -45,8 +46,9 @@ public final class Daemon: @unchecked Sendable {
     public func serve(listener: borrowing Listener, shouldStop: @escaping @Sendable () -> Bool = { false }) {
         while !shouldStop() {
             guard let fd = try? TCP.accept(listener, timeoutMillis: 1000) else { continue }
-            let channel = ControlChannel(descriptor: fd)
-            let thread = JoinableThread(name: "epcopy-serve") { [self] in handle(channel) }
+            // The descriptor crosses to the connection's thread as a raw number, owned again there.
+            let raw = fd.release()
+            let thread = JoinableThread(name: "epcopy-serve") { [self] in handle(FileDescriptor(adopting: raw)) }
             _ = thread  // detached in effect: each connection ends on its own
         }
         shutdown()
@@ -81,65 +83,73 @@ public final class Daemon: @unchecked Sendable {
         FileHandle.standardError.write(Data("epcopy serve (\(options.listen)): \(text)\n".utf8))
     }
 
-    private func handle(_ channel: ControlChannel) {
-        do {
-            try channel.authenticateAsServer(key: options.key)
-        } catch {
+    private func handle(_ fd: consuming FileDescriptor) {
+        let channel: ControlChannel
+        do { channel = try ControlChannel.answer(fd, key: options.key) } catch {
             log("\(error)")
             return
         }
         while true {
-            let request: [String: Any]
-            do { request = try channel.receive(timeoutMillis: 3_600_000) } catch { return }
+            let request: ControlRequest
+            do { request = try channel.receiveRequest(timeoutMillis: 3_600_000) } catch ControlError.protocolViolation(let text) {
+                // A line that is not a request: say why, and keep serving this client.
+                log("refused a request: \(text)")
+                try? channel.send(ControlReply.error("not a request: \(text)"))
+                continue
+            } catch ControlError.refused(let text) {
+                log("closed a connection: \(text)")
+                try? channel.send(ControlReply.error(text))
+                return
+            } catch { return }
             do {
                 let reply = try dispatch(request, channel: channel)
                 try channel.send(reply)
             } catch {
-                log("request \(request["op"] as? String ?? "?") failed: \(error)")
-                try? channel.send(["error": "\(error)"])
+                log("request \(request.name) failed: \(error)")
+                try? channel.send(ControlReply.error("\(error)"))
             }
         }
     }
 
-    private func dispatch(_ request: [String: Any], channel: ControlChannel) throws -> [String: Any] {
-        switch request["op"] as? String {
-        case "vm.start": return try startVM(request)
-        case "vm.list":
-            return ["vms": vms.withLock { $0.map { ["name": $0.key, "pid": Int($0.value.pid), "running": $0.value.isRunning,
-                                                     "memory_mib": $0.value.config.memoryMiB] as [String: Any] } }]
-        case "vm.stop":
-            let name = try Self.name(request)
+    private func dispatch(_ request: ControlRequest, channel: ControlChannel) throws -> ControlReply {
+        switch request {
+        case .vmStart(let name, let spec): return try startVM(name: name, spec: spec)
+        case .vmList:
+            return .vms(vms.withLock { $0.map { VMEntry(name: $0.key, pid: $0.value.pid, running: $0.value.isRunning,
+                                                        memoryMiB: $0.value.config.memoryMiB) } })
+        case .vmStop(let name):
+            let name = try Self.validName(name)
             guard let vm = vms.withLock({ $0.removeValue(forKey: name) }) else { throw ControlError.remote("no VM \(name) here") }
             _ = stopKeeping(name)
             vm.kill()
             vm.teardown()
-            return ["ok": true]
-        case "vm.serial":
-            let name = try Self.name(request)
+            return .ok
+        case .vmSerial(let name):
+            let name = try Self.validName(name)
             guard let vm = vms.withLock({ $0[name] }) else { throw ControlError.remote("no VM \(name) here") }
-            return ["log": String(vm.serialLog.suffix(8192))]
-        case "migrate": return try migrateOut(request, channel: channel)
-        case "incoming": return try incoming(request, channel: channel)
-        case let op: throw ControlError.protocolViolation("unknown request \(op ?? "(none)")")
+            return .serial(log: String(vm.serialLog.suffix(8192)))
+        case .migrate(let migrate): return try migrateOut(migrate, channel: channel)
+        case .incoming(let incoming): return try self.incoming(incoming, channel: channel)
+        case .finish, .abort: throw ControlError.protocolViolation("\(request.name) outside a migration")
         }
     }
 
     // MARK: requests
 
-    static func name(_ request: [String: Any]) throws -> String {
-        guard let name = request["name"] as? String, (1...64).contains(name.utf8.count),
+    static func validName(_ name: String) throws -> String {
+        guard (1...64).contains(name.utf8.count),
               name.utf8.allSatisfy({ ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x41 && $0 <= 0x5A) || ($0 >= 0x61 && $0 <= 0x7A)
                   || $0 == 0x2E || $0 == 0x5F || $0 == 0x2D })
         else { throw ControlError.remote("a VM name is 1-64 of A-Z a-z 0-9 . _ -") }
         return name
     }
 
-    static func spec(_ object: Any?) throws -> VMSpec {
-        guard let object, let data = try? JSONSerialization.data(withJSONObject: object),
-              let spec = try? JSONDecoder().decode(VMSpec.self, from: data)
-        else { throw ControlError.protocolViolation("a VM spec that does not decode") }
+    static func validSpec(_ spec: VMSpec) throws -> VMSpec {
         guard (64...262_144).contains(spec.memoryMiB), (1...64).contains(spec.vcpus) else {
             throw ControlError.remote("memory must be 64 MiB-256 GiB and vCPUs 1-64")
+        }
+        if let pad = spec.ramPadKiB, !(0...(1 << 20)).contains(pad) {
+            throw ControlError.remote("ramPadKiB must be 0-1048576")
         }
         for path in [spec.kernel, spec.initrd, spec.disk].compactMap({ $0 }) where !FileManager.default.fileExists(atPath: path) {
             throw ControlError.remote("\(path) does not exist on this host")
@@ -147,9 +157,9 @@ public final class Daemon: @unchecked Sendable {
         return spec
     }
 
-    private func startVM(_ request: [String: Any]) throws -> [String: Any] {
-        let name = try Self.name(request)
-        var spec = try Self.spec(request["spec"])
+    private func startVM(name: String, spec: VMSpec) throws -> ControlReply {
+        let name = try Self.validName(name)
+        var spec = try Self.validSpec(spec)
         spec.name = name
         guard vms.withLock({ $0[name] == nil }) else { throw ControlError.remote("a VM named \(name) already runs here") }
         var config = spec.config(name: "\(options.instance)-\(name)", deadlineSeconds: options.vmDeadlineSeconds)
@@ -161,30 +171,25 @@ public final class Daemon: @unchecked Sendable {
         vms.withLock { $0[name] = vm }
         keepHotReport(name, vm)
         log("started VM \(name) (pid \(vm.pid), \(spec.memoryMiB) MiB)")
-        return ["ok": true, "name": name, "pid": Int(vm.pid), "ram_file": config.ramFile]
+        return .started(name: name, pid: vm.pid, ramFile: config.ramFile)
     }
 
-    private func migrationOptions(_ request: [String: Any]) throws -> MigrationOptions {
-        guard let modeText = request["mode"] as? String, let mode = MigrationMode(rawValue: modeText) else {
-            throw ControlError.remote("mode must be one of enlightened, postcopy, precopy")
-        }
-        var migration = MigrationOptions(mode: mode, verify: request["verify"] as? Bool ?? false, link: options.link,
+    private func migrationOptions(_ request: MigrationRequestOptions) throws -> MigrationOptions {
+        var migration = MigrationOptions(mode: request.mode, verify: request.verify, link: options.link,
                                          preloadLibrary: options.preloadLibrary, authKey: options.key)
-        migration.useAgent = request["agent"] as? Bool ?? true
-        if let ms = request["agent_timeout_ms"] as? Int {
-            guard (1...60_000).contains(ms) else { throw ControlError.remote("agent_timeout_ms must be 1...60000") }
-            migration.agentTimeoutMillis = UInt64(ms)
+        migration.useAgent = request.agent
+        guard (1...60_000).contains(request.agentTimeoutMillis) else {
+            throw ControlError.remote("agentTimeoutMillis must be 1...60000")
         }
+        migration.agentTimeoutMillis = UInt64(request.agentTimeoutMillis)
         return migration
     }
 
     /// Source role: move VM `name` to the daemon at `to`.
-    private func migrateOut(_ request: [String: Any], channel: ControlChannel) throws -> [String: Any] {
-        let name = try Self.name(request)
-        guard let toText = request["to"] as? String, let to = Endpoint(toText) else {
-            throw ControlError.remote("to must be IPv4-ADDRESS:PORT")
-        }
-        var migration = try migrationOptions(request)
+    private func migrateOut(_ request: MigrateRequest, channel: ControlChannel) throws -> ControlReply {
+        let name = try Self.validName(request.name)
+        guard let to = Endpoint(request.to) else { throw ControlError.remote("to must be IPv4-ADDRESS:PORT") }
+        var migration = try migrationOptions(request.options)
         guard let vm = vms.withLock({ $0[name] }), vm.isRunning else { throw ControlError.remote("no running VM \(name) here") }
         guard busy.withLock({ $0.insert(name).inserted }) else { throw ControlError.remote("\(name) is already migrating") }
         defer { _ = busy.withLock { $0.remove(name) } }
@@ -195,22 +200,16 @@ public final class Daemon: @unchecked Sendable {
         defer { if !switched, vm.isRunning { keepHotReport(name, vm) } }
 
         // Prepare the destination first: if it cannot start, nothing happens here.
-        let peer = try ControlChannel.connect(to)
-        try peer.authenticateAsClient(key: options.key)
+        let peer = try ControlChannel.connect(to, key: options.key)
         let session = UInt64.random(in: 1...UInt64.max)
         var spec = VMSpec(vm.config)
         spec.name = name
-        let specObject = try JSONSerialization.jsonObject(with: JSONEncoder().encode(spec))
-        try peer.send(["op": "incoming", "spec": specObject, "mode": migration.mode.rawValue,
-                       "session": String(session), "verify": migration.verify, "agent": migration.useAgent,
-                       "agent_timeout_ms": Int(migration.agentTimeoutMillis)])
-        let prepared = try peer.receive(timeoutMillis: 120_000)
-        guard let uri = prepared["migration_uri"] as? String, uri.hasPrefix("tcp:") else {
-            throw ControlError.protocolViolation("incoming reply without a migration URI")
-        }
+        try peer.send(ControlRequest.incoming(IncomingRequest(spec: spec, session: session, options: request.options)))
+        guard case .prepared(let uri, let engineHost, let enginePort) = try peer.receiveReply(timeoutMillis: 120_000),
+              uri.hasPrefix("tcp:")
+        else { throw ControlError.protocolViolation("incoming answered without a tcp: migration URI") }
         var engine: Endpoint?
-        if let host = prepared["engine_host"] as? String, let port = prepared["engine_port"] as? Int,
-           let endpoint = Endpoint("\(host):\(port)") { engine = endpoint }
+        if let engineHost, let enginePort { engine = Endpoint("\(engineHost):\(enginePort)") }
         log("migrating \(name) to \(to) (\(migration.mode.rawValue)), QEMU stream \(uri)")
 
         let outcome: SourceOutcome
@@ -219,10 +218,10 @@ public final class Daemon: @unchecked Sendable {
             let client = channel
             outcome = try SourceSide.migrate(source: vm, mode: migration.mode, session: session, destinationURI: uri,
                                              engineEndpoint: engine, options: migration) { moved, total in
-                try? client.send(["progress": ["bytes": Int(moved), "total": Int(total)]])
+                try? client.send(ControlReply.progress(bytes: moved, total: total))
             }
         } catch {
-            try? peer.send(["op": "abort"])
+            try? peer.send(ControlRequest.abort)
             if vm.isRunning, (try? vm.qmp.execute("query-status", timeout: .seconds(5)))?["status"]?.stringValue == "running" {
                 throw ControlError.remote("migration of \(name) failed before the switch; it keeps running here: \(error)")
             }
@@ -230,35 +229,27 @@ public final class Daemon: @unchecked Sendable {
         }
         switched = true
         vms.withLock { _ = $0.removeValue(forKey: name) }
-        let outcomeObject = try JSONSerialization.jsonObject(with: JSONEncoder().encode(outcome))
-        try peer.send(["op": "finish", "source": outcomeObject])
-        let finished = try peer.receive(timeoutMillis: 600_000)
-        guard let result = finished["result"] else { throw ControlError.protocolViolation("finish reply without a result") }
-        return ["result": result]
+        try peer.send(ControlRequest.finish(source: outcome))
+        guard case .result(let result) = try peer.receiveReply(timeoutMillis: 600_000) else {
+            throw ControlError.protocolViolation("finish answered without a result")
+        }
+        return .result(result)
     }
 
     /// Destination role: start the VM here and receive it.
-    private func incoming(_ request: [String: Any], channel: ControlChannel) throws -> [String: Any] {
-        let spec = try Self.spec(request["spec"])
-        let name = try Self.name(["name": spec.name])
-        let migration = try migrationOptions(request)
-        guard let sessionText = request["session"] as? String, let session = UInt64(sessionText) else {
-            throw ControlError.protocolViolation("incoming without a session")
-        }
+    private func incoming(_ request: IncomingRequest, channel: ControlChannel) throws -> ControlReply {
+        let spec = try Self.validSpec(request.spec)
+        let name = try Self.validName(spec.name)
+        let migration = try migrationOptions(request.options)
         guard vms.withLock({ $0[name] == nil }) else { throw ControlError.remote("a VM named \(name) already runs here") }
         let destination = try DestinationSide(spec: spec, name: "\(options.instance)-\(name)", mode: migration.mode,
-                                              session: session, bindHost: options.listen.host, options: migration)
-        var reply: [String: Any] = ["migration_uri": destination.migrationURI]
-        if let endpoint = destination.engineEndpoint {
-            reply["engine_host"] = endpoint.host
-            reply["engine_port"] = Int(endpoint.port)
-        }
-        try channel.send(reply)
-        let next = try channel.receive(timeoutMillis: 3_600_000)
-        guard next["op"] as? String == "finish", let sourceObject = next["source"],
-              let sourceData = try? JSONSerialization.data(withJSONObject: sourceObject),
-              let source = try? JSONDecoder().decode(SourceOutcome.self, from: sourceData)
-        else {
+                                              session: request.session, bindHost: options.listen.host,
+                                              options: migration)
+        try channel.send(ControlReply.prepared(migrationURI: destination.migrationURI,
+                                               engineHost: destination.engineEndpoint?.host,
+                                               enginePort: destination.engineEndpoint?.port))
+        let next = try? channel.receiveRequest(timeoutMillis: 3_600_000)
+        guard case .finish(let source) = next else {
             destination.abandon()
             throw ControlError.remote("the source abandoned the migration of \(name) before the switch")
         }
@@ -269,6 +260,6 @@ public final class Daemon: @unchecked Sendable {
         keepHotReport(name, destination.qemu)
         log("received \(name): downtime \(String(format: "%.1f", result.downtimeMillis)) ms, "
             + "\(result.mismatchedPages) mismatched pages, guest \(result.guestVerdict)")
-        return ["result": try JSONSerialization.jsonObject(with: JSONEncoder().encode(result))]
+        return .result(result)
     }
 }

@@ -19,10 +19,11 @@ public enum CompletionTag: UInt64, CaseIterable, Sendable {
     /// The owner asks the loop to end.
     case quit = 8
 
-    /// The tags of a channel's receive and send.
+    /// The tags of a channel's receive and send. (A daemon link carries control traffic; no loop drives one
+    /// today, and if one does it reads as control.)
     public static func receive(_ kind: PeerChannelKind) -> CompletionTag {
         switch kind {
-        case .control: .controlReceive
+        case .control, .daemon: .controlReceive
         case .urgent: .urgentReceive
         case .bulk: .bulkReceive
         }
@@ -30,7 +31,7 @@ public enum CompletionTag: UInt64, CaseIterable, Sendable {
 
     public static func send(_ kind: PeerChannelKind) -> CompletionTag {
         switch kind {
-        case .control: .controlSend
+        case .control, .daemon: .controlSend
         case .urgent: .urgentSend
         case .bulk: .bulkSend
         }

@@ -1,9 +1,10 @@
-// Opening a channel between two engines: connect or accept, hello, mutual authentication, version
-// negotiation, welcome. Written once for all three channels of a session and both roles. The source
-// connects and speaks first; the destination accepts channels in any order and checks that each belongs
-// to the session it waits for. With a key, each side proves it holds it by MACing the other's fresh nonce
-// (HMAC-SHA256 over nonce, session and role), and neither side moves a page to or from a peer that did
-// not. Every handshake step has a deadline; a refused connect is retried until the caller's deadline.
+// Opening a channel: connect or accept, hello, mutual authentication, version negotiation, welcome.
+// Written once for all three channels of a session, both roles, and the daemons' control link (which
+// names no session). The source (connecting side) speaks first; the destination accepts channels in any
+// order and checks that each is a kind it serves and belongs to the session it waits for. With a key,
+// each side proves it holds it by MACing the other's fresh nonce (HMAC-SHA256 over nonce, session and
+// role), and neither side moves a page to or from a peer that did not. Every handshake step has a
+// deadline; a refused connect is retried until the caller's deadline.
 
 import EpcopyProtocol
 #if canImport(Glibc)
@@ -91,13 +92,21 @@ extension PeerChannel {
     }
 
     /// Destination side: accepts one connection on `listener` and runs the handshake. The channel's kind is
-    /// what the source's hello says; a hello for another session or region size is refused with an abort.
+    /// what the source's hello says; a hello for a kind outside `kinds`, another session or region size is
+    /// refused with an abort.
     public static func accept(on listener: borrowing Listener, identity: ChannelIdentity,
-                              timeoutMillis: Int32) throws(PeerError) -> PeerChannel {
+                              kinds: Set<PeerChannelKind>, timeoutMillis: Int32) throws(PeerError) -> PeerChannel {
         let fd: FileDescriptor
         do { fd = try TCP.accept(listener, timeoutMillis: timeoutMillis) } catch {
             throw .syscall("waiting for the source on \(listener.endpoint)", error)
         }
+        return try answer(fd, identity: identity, kinds: kinds, timeoutMillis: timeoutMillis)
+    }
+
+    /// Destination side on a connection already accepted (a daemon accepts on one thread and answers each
+    /// connection on its own).
+    public static func answer(_ fd: consuming FileDescriptor, identity: ChannelIdentity, kinds: Set<PeerChannelKind>,
+                              timeoutMillis: Int32) throws(PeerError) -> PeerChannel {
         let channel = PeerChannel(descriptor: fd, channel: .control,
                                   context: PeerDecodeContext(regionPages: identity.regionPages))
         let hello: PeerHello
@@ -105,9 +114,11 @@ extension PeerChannel {
         case .hello(let h): hello = h
         case let other: throw .unexpected("handshake: expected hello, got \(other.kind)")
         }
-        guard let kind = PeerChannelKind(rawValue: hello.channel) else {
-            try? channel.send(.abort(PeerAbort(code: 2, reason: "unknown channel \(hello.channel)")))
-            throw .unexpected("handshake: unknown channel \(hello.channel)")
+        guard let kind = PeerChannelKind(rawValue: hello.channel), kinds.contains(kind) else {
+            let reason = PeerChannelKind(rawValue: hello.channel).map { "a \($0) channel is not served here" }
+                ?? "unknown channel \(hello.channel)"
+            try? channel.send(.abort(PeerAbort(code: 2, reason: reason)))
+            throw .unexpected("handshake: \(reason)")
         }
         guard hello.role == .source, hello.sessionID == identity.sessionID, hello.regionPages == identity.regionPages
         else {

@@ -9,18 +9,24 @@ import EpcopyProtocol
 import Glibc
 #endif
 
-/// The three TCP connections of a session. Urgent traffic never queues behind bulk pages: a fault's
-/// request and reply have a connection of their own (QEMU's postcopy-preempt made the same split).
+/// The three TCP connections of a session, and a daemon's control link. Urgent traffic never queues behind
+/// bulk pages: a fault's request and reply have a connection of their own (QEMU's postcopy-preempt made the
+/// same split). The daemon link opens with the same handshake and then carries the daemon's requests.
 public enum PeerChannelKind: UInt8, Sendable, CaseIterable, CustomStringConvertible {
     case control = 1
     case urgent = 2
     case bulk = 3
+    case daemon = 4
+
+    /// The channels one migration session opens, each once.
+    public static let session: Set<PeerChannelKind> = [.control, .urgent, .bulk]
 
     public var description: String {
         switch self {
         case .control: "control"
         case .urgent: "urgent"
         case .bulk: "bulk"
+        case .daemon: "daemon control"
         }
     }
 }

@@ -53,9 +53,12 @@ public final class DestinationEngine: @unchecked Sendable {
                                        regionPages: pages.regionPages, key: options.authKey)
         var channels: [PeerChannelKind: PeerChannel] = [:]
         // The three channels may arrive in any order.
-        while channels.count < PeerChannelKind.allCases.count {
-            let channel = try PeerChannel.accept(on: listener, identity: identity,
+        while channels.count < PeerChannelKind.session.count {
+            let channel = try PeerChannel.accept(on: listener, identity: identity, kinds: PeerChannelKind.session,
                                                  timeoutMillis: options.acceptTimeoutMillis)
+            guard channels[channel.channel] == nil else {
+                throw .unexpected("the source opened a second \(channel.channel) channel for one session")
+            }
             channels[channel.channel] = channel
         }
         let control = channels[.control]!

@@ -1,0 +1,115 @@
+// The daemons' control protocol as types: every request a client or a peer daemon sends and every
+// reply, shared by the daemon and the CLI. One encoding (JSONEncoder, one object per line on the
+// ControlChannel); a line that does not decode — unknown request, missing or wrong-typed field — is
+// refused with an error reply naming the field, never a crash. Values are validated where they are used
+// (VM names, specs, ranges: see Daemon).
+
+/// What a client or peer daemon asks.
+public enum ControlRequest: Codable, Sendable {
+    case vmStart(name: String, spec: VMSpec)
+    case vmList
+    case vmStop(name: String)
+    case vmSerial(name: String)
+    /// Client → source daemon: move VM `name` to the daemon at `to`.
+    case migrate(MigrateRequest)
+    /// Source daemon → destination daemon: prepare to receive (answered with `prepared`).
+    case incoming(IncomingRequest)
+    /// Source daemon → destination daemon, after the switch: what the source saw (answered with `result`).
+    case finish(source: SourceOutcome)
+    /// Source daemon → destination daemon, before the switch: the migration is off.
+    case abort
+
+    /// The request's name in logs.
+    public var name: String {
+        switch self {
+        case .vmStart: "vm.start"
+        case .vmList: "vm.list"
+        case .vmStop: "vm.stop"
+        case .vmSerial: "vm.serial"
+        case .migrate: "migrate"
+        case .incoming: "incoming"
+        case .finish: "finish"
+        case .abort: "abort"
+        }
+    }
+}
+
+/// How one migration is to run, as the operator asked (the same fields travel from CLI to source daemon
+/// and from source daemon to destination daemon).
+public struct MigrationRequestOptions: Codable, Sendable, Equatable {
+    public var mode: MigrationMode
+    public var verify: Bool
+    /// Ask the guest agent (false: plain external post-copy).
+    public var agent: Bool
+    public var agentTimeoutMillis: Int
+
+    public init(mode: MigrationMode, verify: Bool, agent: Bool, agentTimeoutMillis: Int) {
+        self.mode = mode
+        self.verify = verify
+        self.agent = agent
+        self.agentTimeoutMillis = agentTimeoutMillis
+    }
+}
+
+public struct MigrateRequest: Codable, Sendable {
+    public var name: String
+    /// The destination daemon, IPv4-ADDRESS:PORT.
+    public var to: String
+    public var options: MigrationRequestOptions
+
+    public init(name: String, to: String, options: MigrationRequestOptions) {
+        self.name = name
+        self.to = to
+        self.options = options
+    }
+}
+
+public struct IncomingRequest: Codable, Sendable {
+    public var spec: VMSpec
+    public var session: UInt64
+    public var options: MigrationRequestOptions
+
+    public init(spec: VMSpec, session: UInt64, options: MigrationRequestOptions) {
+        self.spec = spec
+        self.session = session
+        self.options = options
+    }
+}
+
+/// One VM a daemon runs.
+public struct VMEntry: Codable, Sendable {
+    public var name: String
+    public var pid: Int32
+    public var running: Bool
+    public var memoryMiB: Int
+}
+
+/// What the daemon answers. A request gets exactly one final reply; `migrate` is preceded by `progress`.
+public enum ControlReply: Codable, Sendable {
+    case ok
+    case started(name: String, pid: Int32, ramFile: String)
+    case vms([VMEntry])
+    case serial(log: String)
+    /// The destination is ready: QEMU's migration stream goes to `migrationURI`, RAM to `engine` (enlightened).
+    case prepared(migrationURI: String, engineHost: String?, enginePort: UInt16?)
+    case progress(bytes: UInt64, total: UInt64)
+    case result(MigrationResult)
+    case error(String)
+}
+
+extension DecodingError {
+    /// Which field was wrong and how, for an error reply (the default description is Swift's, not the user's).
+    var controlDescription: String {
+        func path(_ context: Context) -> String {
+            let keys = context.codingPath.map { $0.intValue.map { "[\($0)]" } ?? $0.stringValue }
+            return keys.isEmpty ? "the request" : keys.joined(separator: ".")
+        }
+        switch self {
+        case .typeMismatch(let type, let context): return "\(path(context)): expected \(type)"
+        case .valueNotFound(let type, let context): return "\(path(context)): missing \(type) value"
+        case .keyNotFound(let key, let context): return "\(path(context)): missing field \(key.stringValue)"
+        case .dataCorrupted(let context): return "\(path(context)): \(context.debugDescription)"
+        @unknown default: return "\(self)"
+        }
+    }
+}
