@@ -15,6 +15,7 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
     ],
     targets: [
         // The only hand-written C that Swift calls: variadic syscall()/ioctl(), _IOWR constants, uffd_msg.
@@ -33,11 +34,13 @@ let package = Package(
         // The engine: syscalls, uffd, transfer, QEMU control. Never depends on GuestAgent.
         .target(name: "EpcopyHostEngine",
                 dependencies: ["EpcopyProtocol", "CEpcopyLinux", "CURing", "CNuma", "CVirt",
-                               .product(name: "Histogram", package: "hdrhistogram-swift")],
+                               .product(name: "Histogram", package: "hdrhistogram-swift"),
+                               .product(name: "Logging", package: "swift-log")],
                 path: "Sources/HostEngine"),
         .executableTarget(name: "epcopy",
                           dependencies: ["EpcopyProtocol", "EpcopyGuestAgent", "EpcopyHostEngine",
-                                         .product(name: "ArgumentParser", package: "swift-argument-parser")],
+                                         .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                                         .product(name: "Logging", package: "swift-log")],
                           path: "Sources/epcopy"),
         .target(name: "EpcopyPreload", dependencies: ["CEpcopyLinux"], path: "Sources/EpcopyPreload",
                 linkerSettings: [.linkedLibrary("dl")]),

@@ -86,7 +86,8 @@ struct Serve: ParsableCommand {
             source.resume()
             return source
         }
-        FileHandle.standardError.write(Data("epcopy serve: listening on \(listener.endpoint)\n".utf8))
+        let serving = listener.endpoint  // the log message is an autoclosure: it must not capture the listener
+        Log.logger("daemon").info("listening on \(serving)")
         let deadline = maxLifetime.map { Date().addingTimeInterval($0) }
         daemon.serve(listener: listener, shouldStop: { stop.isSet || deadline.map { Date() > $0 } ?? false })
         withExtendedLifetime(sources) {}

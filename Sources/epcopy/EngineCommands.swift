@@ -188,9 +188,7 @@ struct EngineDestination: ParsableCommand {
         }
     }
 
-    private func log(_ text: String) {
-        FileHandle.standardError.write(Data((text + "\n").utf8))
-    }
+    private func log(_ text: String) { Log.engine.info("\(text)") }
 }
 
 /// An error whose text is the whole message a user sees.

@@ -7,6 +7,7 @@
 
 import EpcopyProtocol
 import Foundation
+import Logging
 import Synchronization
 
 public struct DaemonOptions: Sendable {
@@ -39,8 +40,15 @@ public final class Daemon: @unchecked Sendable {
     private let vms = Mutex<[String: QEMUProcess]>([:])
     private let busy = Mutex<Set<String>>([])
     private let keepers = Mutex<[String: HotReportKeeper]>([:])
+    /// `epcopy.daemon`, every line tagged with the address this daemon serves.
+    private let logger: Logger
 
-    public init(options: DaemonOptions) { self.options = options }
+    public init(options: DaemonOptions) {
+        self.options = options
+        var logger = Log.logger("daemon")
+        logger[metadataKey: "listen"] = "\(options.listen)"
+        self.logger = logger
+    }
 
     /// Accepts connections until `shouldStop` returns true (checked every second).
     public func serve(listener: borrowing Listener, shouldStop: @escaping @Sendable () -> Bool = { false }) {
@@ -79,25 +87,21 @@ public final class Daemon: @unchecked Sendable {
         keepers.withLock { $0.removeValue(forKey: name) }?.stop()
     }
 
-    func log(_ text: String) {
-        FileHandle.standardError.write(Data("epcopy serve (\(options.listen)): \(text)\n".utf8))
-    }
-
     private func handle(_ fd: consuming FileDescriptor) {
         let channel: ControlChannel
         do { channel = try ControlChannel.answer(fd, key: options.key) } catch {
-            log("\(error)")
+            logger.warning("refused a connection: \(error)")
             return
         }
         while true {
             let request: ControlRequest
             do { request = try channel.receiveRequest(timeoutMillis: 3_600_000) } catch ControlError.protocolViolation(let text) {
                 // A line that is not a request: say why, and keep serving this client.
-                log("refused a request: \(text)")
+                logger.warning("refused a request: \(text)")
                 try? channel.send(ControlReply.error("not a request: \(text)"))
                 continue
             } catch ControlError.refused(let text) {
-                log("closed a connection: \(text)")
+                logger.warning("closed a connection: \(text)")
                 try? channel.send(ControlReply.error(text))
                 return
             } catch { return }
@@ -105,7 +109,7 @@ public final class Daemon: @unchecked Sendable {
                 let reply = try dispatch(request, channel: channel)
                 try channel.send(reply)
             } catch {
-                log("request \(request.name) failed: \(error)")
+                logger.error("request \(request.name) failed: \(error)")
                 try? channel.send(ControlReply.error("\(error)"))
             }
         }
@@ -170,7 +174,7 @@ public final class Daemon: @unchecked Sendable {
         }
         vms.withLock { $0[name] = vm }
         keepHotReport(name, vm)
-        log("started VM \(name) (pid \(vm.pid), \(spec.memoryMiB) MiB)")
+        logger.info("started VM \(name) (pid \(vm.pid), \(spec.memoryMiB) MiB)")
         return .started(name: name, pid: vm.pid, ramFile: config.ramFile)
     }
 
@@ -210,7 +214,7 @@ public final class Daemon: @unchecked Sendable {
         else { throw ControlError.protocolViolation("incoming answered without a tcp: migration URI") }
         var engine: Endpoint?
         if let engineHost, let enginePort { engine = Endpoint("\(engineHost):\(enginePort)") }
-        log("migrating \(name) to \(to) (\(migration.mode.rawValue)), QEMU stream \(uri)")
+        logger.info("migrating \(name) to \(to) (\(migration.mode.rawValue)), QEMU stream \(uri)")
 
         let outcome: SourceOutcome
         do {
@@ -258,8 +262,8 @@ public final class Daemon: @unchecked Sendable {
                                        options: migration)
         vms.withLock { $0[name] = destination.qemu }
         keepHotReport(name, destination.qemu)
-        log("received \(name): downtime \(String(format: "%.1f", result.downtimeMillis)) ms, "
-            + "\(result.mismatchedPages) mismatched pages, guest \(result.guestVerdict)")
+        let downtime = String(format: "%.1f", result.downtimeMillis)
+        logger.info("received \(name): downtime \(downtime) ms, \(result.mismatchedPages) mismatched pages, guest \(result.guestVerdict)")
         return .result(result)
     }
 }

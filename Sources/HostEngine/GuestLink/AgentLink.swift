@@ -8,6 +8,7 @@
 
 import CEpcopyLinux
 import EpcopyProtocol
+import Logging
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -117,7 +118,7 @@ public final class AgentLink: @unchecked Sendable {
 
     private func complain(_ text: String) {
         if complaints.count < 32 { complaints.append(text) }
-        Trace.log("agent link: \(text)")
+        Log.agentLink.trace("agent link: \(text)")
     }
 
     private func send(_ message: AgentMessage) throws(AgentLinkError) {

@@ -7,6 +7,7 @@
 
 import CEpcopyLinux
 import Foundation
+import Logging
 import Synchronization
 #if canImport(Glibc)
 import Glibc
@@ -276,7 +277,7 @@ public final class QEMUProcess: @unchecked Sendable {
         let supervisor = QEMUSupervisor(name: config.name)
         let pid = try supervisor.spawn(executable: executable, arguments: config.arguments,
                                        environment: environment, deadlineSeconds: config.deadlineSeconds)
-        Trace.log("qemu \(config.name): pid \(pid): \(executable) \(config.arguments.joined(separator: " "))")
+        Log.qemu.trace("qemu \(config.name): pid \(pid): \(executable) \(config.arguments.joined(separator: " "))")
         do throws(QMPError) {
             let qmp = try QMPClient.connect(path: config.qmpSocket, timeout: connectTimeout,
                                             abandonIf: { supervisor.termination != nil })
@@ -437,7 +438,7 @@ final class QEMUSupervisor: @unchecked Sendable {
         while true {
             let now = monotonicNanos()
             if now >= deadlineNanos && !deadlineExpired {
-                Trace.log("qemu \(name): deadline passed, SIGKILL \(pid)")
+                Log.qemu.trace("qemu \(name): deadline passed, SIGKILL \(pid)")
                 locked { $0.deadlineExpired = true }
                 kill()
             }
@@ -486,7 +487,7 @@ final class QEMUSupervisor: @unchecked Sendable {
             return true
         }
         if ended {
-            Trace.log("qemu \(name): \(termination.map(\.description) ?? "?")")
+            Log.qemu.trace("qemu \(name): \(termination.map(\.description) ?? "?")")
             condition.broadcast()
         }
         return ended

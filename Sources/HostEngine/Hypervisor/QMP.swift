@@ -7,6 +7,7 @@
 
 import CEpcopyLinux
 import Foundation
+import Logging
 import Synchronization
 #if canImport(Glibc)
 import Glibc
@@ -345,7 +346,7 @@ public final class QMPClient: @unchecked Sendable {
         if let reason = inbox.withState({ $0.closedReason }) {
             throw .disconnected(step: step, reason: reason)
         }
-        Trace.log("qmp \(path) → \(line.dropLast())")
+        Log.qmp.trace("qmp \(path) → \(line.dropLast())")
         let bytes = Array(line.utf8)
         let raw = fd.rawValue
         do throws(SyscallError) {
@@ -476,9 +477,9 @@ final class QMPInbox: @unchecked Sendable {
     }
 
     func dispatch(line: ArraySlice<UInt8>, received: UInt64) {
-        Trace.log("qmp ← \(String(decoding: line, as: UTF8.self))")
+        Log.qmp.trace("qmp ← \(String(decoding: line, as: UTF8.self))")
         guard let message = try? QMPValue.parse(line), message.objectValue != nil else {
-            Trace.log("qmp: ignoring a line that is not a JSON object")
+            Log.qmp.trace("qmp: ignoring a line that is not a JSON object")
             return
         }
         withState { s in
@@ -496,7 +497,7 @@ final class QMPInbox: @unchecked Sendable {
             } else if let id = message["id"]?.stringValue, s.awaiting.contains(id) {
                 s.replies[id] = message
             } else {
-                Trace.log("qmp: dropping a reply nobody waits for")
+                Log.qmp.trace("qmp: dropping a reply nobody waits for")
             }
             condition.broadcast()
         }

@@ -6,6 +6,7 @@
 
 import CEpcopyLinux
 import EpcopyProtocol
+import Logging
 import Synchronization
 #if canImport(Glibc)
 import Glibc
@@ -132,7 +133,7 @@ public final class FaultService: @unchecked Sendable {
             try zeroFill(page)
             return nil
         }
-        Trace.log("fault: \(page) requested")
+        Log.engine.trace("fault: \(page) requested")
         return page
     }
 

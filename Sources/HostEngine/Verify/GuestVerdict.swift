@@ -8,6 +8,7 @@
 
 import EpcopyProtocol
 import Foundation
+import Logging
 
 /// What the destination guest said after the switch.
 struct GuestVerdict: Sendable, Equatable {
@@ -63,7 +64,7 @@ struct GuestVerdict: Sendable, Equatable {
         }
         let status = (try? destination.qmp.execute("query-status", timeout: .seconds(5)))?["status"]?.stringValue ?? "?"
         let tail = destination.serialLog.suffix(300).replacingOccurrences(of: "\r\n", with: " | ")
-        Trace.log("guest verdict: no progress; destination QEMU \(status), serial: \(tail)")
+        Log.engine.trace("guest verdict: no progress; destination QEMU \(status), serial: \(tail)")
         return GuestVerdict(verdict: after == nil ? "NO OUTPUT (QEMU \(status))" : "STALLED (QEMU \(status))",
                             counterAfter: after)
     }

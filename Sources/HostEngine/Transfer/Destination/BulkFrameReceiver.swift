@@ -4,6 +4,7 @@
 // straight into the RAM file — replaces the staging buffer here.)
 
 import EpcopyProtocol
+import Logging
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -101,7 +102,7 @@ final class BulkFrameReceiver {
                 offset += Int(run.count << PageGeometry.shift)
             }
             counters.bytes.add(UInt64(FrameHeader.size + h.length), ordering: .relaxed)
-            Trace.log("destination: bulk frame \(runs.rangeCount) runs placed")
+            Log.engine.trace("destination: bulk frame \(runs.rangeCount) runs placed")
             header = nil
             want = FrameHeader.size
             have = 0

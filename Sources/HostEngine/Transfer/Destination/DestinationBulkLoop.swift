@@ -4,6 +4,7 @@
 // or zero and the last acknowledgement has left: that is what lets the source release its last page.
 
 import EpcopyProtocol
+import Logging
 
 final class DestinationBulkLoop {
     private let control: PeerChannel
@@ -45,7 +46,7 @@ final class DestinationBulkLoop {
             case .zeroPages(let set):
                 let t0 = monotonicNanos()
                 try placer.markZero(set)
-                Trace.log("destination: \(set.count) zero pages marked in \((monotonicNanos() - t0) / 1000) us")
+                Log.engine.trace("destination: \(set.count) zero pages marked in \((monotonicNanos() - t0) / 1000) us")
             case .done:
                 sourceDone = true
             case .abort(let a):
@@ -84,8 +85,8 @@ final class DestinationBulkLoop {
                 lastSample = now
                 let bytes = counters.bytes.load(ordering: .relaxed)
                 let faults = metrics.faults.load(ordering: .relaxed)
-                Trace.log("dst: known \(pages.knownCount)/\(pages.regionPages) present \(pages.presentCount) "
-                          + "bytes \(bytes) faults \(faults) \(receiver.traceState)")
+                Log.engine.trace(Logger.Message(stringLiteral: "dst: known \(pages.knownCount)/\(pages.regionPages) present \(pages.presentCount) "
+                    + "bytes \(bytes) faults \(faults) \(receiver.traceState)"))
                 timeline.sample(pagesPresent: pages.presentCount, bytesReceived: bytes, faults: faults, now: now)
             }
             if !sentDone, pages.isComplete, !placer.hasUnacknowledged {

@@ -7,6 +7,7 @@
 // the range: a page never placed reads as zero from then on, which is exactly what holes and free pages are.
 
 import EpcopyProtocol
+import Logging
 import Synchronization
 
 public final class DestinationEngine: @unchecked Sendable {
@@ -101,7 +102,7 @@ public final class DestinationEngine: @unchecked Sendable {
         if options.unregisterWhenDone {
             do { try placer.placement.unregister() } catch {
                 // The range is gone already only if the process that owned it is: nothing left to serve.
-                Trace.log("destination: unregister at the end: \(error)")
+                Log.engine.trace("destination: unregister at the end: \(error)")
             }
         }
         let end = monotonicNanos()

@@ -5,6 +5,7 @@
 // source's release, fault latencies, digests) and answers faults on pages that turned out to be zero.
 
 import EpcopyProtocol
+import Logging
 import Synchronization
 #if canImport(Glibc)
 import Glibc
@@ -109,7 +110,7 @@ public final class PagePlacer: Sendable {
         pages.markPresent(first: firstPage, count: count)
         let now = monotonicNanos()
         for t in pending.resolve(first: firstPage, count: count) {
-            Trace.log("fault: pages \(first)+\(count) placed after \((now - t) / 1000) us (urgent \(urgent))")
+            Log.engine.trace("fault: pages \(first)+\(count) placed after \((now - t) / 1000) us (urgent \(urgent))")
             metrics.recordFaultLatency(nanos: now - t, viaBulk: !urgent)
         }
         unacknowledged.withLock { $0.insert(try! PageRange(start: firstPage, count: count)) }
@@ -138,7 +139,7 @@ public final class PagePlacer: Sendable {
             throw .unexpected("the process that owns guest memory is gone")
         }
         pages.markZeroFilled(page)
-        Trace.log("destination: \(page) was requested, then marked zero: zero-filled")
+        Log.engine.trace("destination: \(page) was requested, then marked zero: zero-filled")
     }
 
     /// Acknowledgements due: everything placed since the last call, when `force` or at least `minPages`.

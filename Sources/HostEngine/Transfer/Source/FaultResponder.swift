@@ -4,6 +4,7 @@
 // request points the push at the fault's neighbours (FaultHint).
 
 import EpcopyProtocol
+import Logging
 
 final class FaultResponder: @unchecked Sendable {
     // SAFETY (@unchecked): built on the engine's thread, then run on one thread of its own; the shared
@@ -39,7 +40,7 @@ final class FaultResponder: @unchecked Sendable {
                 throw PeerError.unexpected("urgent channel: unexpected \(message.kind)")
             }
             metrics.faults.add(1, ordering: .relaxed)
-            Trace.log("source: request \(request.pages)")
+            Log.engine.trace("source: request \(request.pages)")
             if let first = request.pages.first { hint.publish(page: first.rawValue) }
             var runs: [PageRange<PageIndex>] = []
             for range in request.pages.ranges {

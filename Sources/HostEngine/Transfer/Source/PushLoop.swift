@@ -5,6 +5,7 @@
 // what is acknowledged. It ends when the destination is done and every send has completed.
 
 import EpcopyProtocol
+import Logging
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -68,7 +69,7 @@ final class PushLoop {
             metrics.bulkPages.add(frame.pages, ordering: .relaxed)
             metrics.bytesWire.add(UInt64(frame.totalBytes), ordering: .relaxed)
             if let c = frame.pushClass { metrics.recordPushed(c, pages: frame.pages) }
-            if frame.pushClass == .device { Trace.log("source: device frame sent") }
+            if frame.pushClass == .device { Log.engine.trace("source: device frame sent") }
         }
         let controlQueue = loop.sendQueue(fd: control.descriptor.rawValue, kind: .control, shaper: shaper) { frame in
             metrics.bytesWire.add(UInt64(frame.totalBytes), ordering: .relaxed)
@@ -101,7 +102,7 @@ final class PushLoop {
             case .progress:
                 break
             case .freeScanDone(let answered, let reported):
-                Trace.log("source: free scan done (agent answered \(answered), \(reported) pages)")
+                Log.engine.trace("source: free scan done (agent answered \(answered), \(reported) pages)")
                 shared.freeScanAnswered(answered)
                 endFreeHold()
             case .done:
@@ -133,7 +134,7 @@ final class PushLoop {
                 && now - holdStart < options.bulkHoldMillis * 1_000_000
             if scheduler.holdFrom != nil, freeHoldStart > 0,
                now - freeHoldStart > options.freeHoldMillis * 1_000_000 {
-                Trace.log("source: no free scan from the destination after \(options.freeHoldMillis) ms; pushing on")
+                Log.engine.trace("source: no free scan from the destination after \(options.freeHoldMillis) ms; pushing on")
                 endFreeHold()
             }
             while !pushExhausted, bulkQueue.pending < 2, !holding || scheduler.inDeviceClass {
@@ -145,7 +146,7 @@ final class PushLoop {
                     }
                     break
                 }
-                if chunk.pushClass == .device { Trace.log("source: device chunk \(chunk.runs.count) runs enqueued") }
+                if chunk.pushClass == .device { Log.engine.trace("source: device chunk \(chunk.runs.count) runs enqueued") }
                 // Pages whose content is zero travel as a range in a zeroPages message, as QEMU sends a zero
                 // marker: the destination zero-fills them on fault. The file is final, so the check holds.
                 let (dataRuns, zeroRuns) = framer.splitZero(chunk.runs)
@@ -171,12 +172,12 @@ final class PushLoop {
                     pagesSent: snapshot.bulkPages + snapshot.urgentPages, bytesSent: snapshot.bytesWire))
                     .encodedFrame(checksum: fastChecksum)), now: now)
             }
-            if Trace.enabled, now - lastTrace > 100_000_000 {
+            if Log.tracing, now - lastTrace > 100_000_000 {
                 lastTrace = now
-                Trace.log("src: released \(state.released.count)/\(memory.regionPages) pushed "
-                          + "\(metrics.bulkPages.load(ordering: .relaxed)) urgent "
-                          + "\(metrics.urgentPages.load(ordering: .relaxed)) bulk queue \(bulkQueue.pending) "
-                          + "exhausted \(pushExhausted) destDone \(destinationDone)")
+                Log.engine.trace(Logger.Message(stringLiteral: "src: released \(state.released.count)/\(memory.regionPages) pushed "
+                    + "\(metrics.bulkPages.load(ordering: .relaxed)) urgent "
+                    + "\(metrics.urgentPages.load(ordering: .relaxed)) bulk queue \(bulkQueue.pending) "
+                    + "exhausted \(pushExhausted) destDone \(destinationDone)"))
             }
             if state.toPunch.count >= Self.punchBatchPages
                 || (now - lastPunch > Self.punchIntervalNanos && !state.toPunch.isEmpty) {

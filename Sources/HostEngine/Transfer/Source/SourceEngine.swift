@@ -9,6 +9,7 @@
 // replacement, which says what it already has.
 
 import EpcopyProtocol
+import Logging
 import Synchronization
 
 public final class SourceEngine: @unchecked Sendable {
@@ -126,7 +127,7 @@ public final class SourceEngine: @unchecked Sendable {
             zero = memory.holes()
             state.released.formUnion(zero)
         }
-        Trace.log("source: holes \(zero.count) pages in \(zero.rangeCount) ranges, scan \((monotonicNanos() - gateOpened) / 1000) us")
+        Log.engine.trace("source: holes \(zero.count) pages in \(zero.rangeCount) ranges, scan \((monotonicNanos() - gateOpened) / 1000) us")
         presentAtResume = present.count
         state.released.formUnion(present)
         state.toPunch.formUnion(present)
