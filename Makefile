@@ -18,7 +18,23 @@ build: deps
 test: deps guest images
 	$(SWIFT) build --build-tests
 	$(SWIFT) test --skip-build --disable-xctest --no-parallel
-	python3 -m unittest Workloads/bench/test_report.py Workloads/loadgen/test_sysbench_load.py Workloads/loadgen/test_neighbour.py
+	$(PYTHON_TESTS)
+
+# One tier at a time (see Tests/Support/Tiers.swift): unit = pure Swift, seconds, no root; linux = real uffd,
+# io_uring, sockets, processes and namespaces; qemu = real TCG guests (needs the built guest images).
+PYTHON_TESTS = python3 -m unittest Workloads/bench/test_report.py Workloads/loadgen/test_sysbench_load.py \
+	Workloads/loadgen/test_neighbour.py
+test-unit: deps
+	$(SWIFT) build --build-tests
+	EPCOPY_TEST_TIER=unit $(SWIFT) test --skip-build --disable-xctest --no-parallel
+	$(PYTHON_TESTS)
+test-linux: deps
+	$(SWIFT) build --build-tests
+	EPCOPY_TEST_TIER=linux $(SWIFT) test --skip-build --disable-xctest --no-parallel
+test-qemu: deps guest images
+	$(SWIFT) build --build-tests
+	EPCOPY_TEST_TIER=qemu $(SWIFT) test --skip-build --disable-xctest --no-parallel
+.PHONY: test-unit test-linux test-qemu
 
 # Benchmarks are programs, not tests: run in release mode and read the numbers.
 bench-codec: deps

@@ -47,13 +47,17 @@ let package = Package(
         .executableTarget(name: "epcopy-agent", dependencies: ["EpcopyGuestAgent"], path: "Sources/epcopy-agent"),
         .executableTarget(name: "epcopy-memtouch", path: "Sources/MemToucher"),
 
-        .testTarget(name: "EpcopyProtocolTests", dependencies: ["EpcopyProtocol"],
+        // What every test tier shares: tiers, prerequisites with reasons, waits with deadlines.
+        .target(name: "EpcopyTestSupport", path: "Tests/Support"),
+        .testTarget(name: "EpcopyProtocolTests", dependencies: ["EpcopyProtocol", "EpcopyTestSupport"],
                     path: "Tests/EpcopyProtocolTests"),
-        .testTarget(name: "EpcopyGuestAgentTests", dependencies: ["EpcopyGuestAgent"],
+        .testTarget(name: "EpcopyGuestAgentTests", dependencies: ["EpcopyGuestAgent", "EpcopyTestSupport"],
                     path: "Tests/EpcopyGuestAgentTests"),
-        .testTarget(name: "EpcopyHostEngineTests", dependencies: ["EpcopyHostEngine", "CEpcopyLinux", "EpcopyGuestAgent"],
+        .testTarget(name: "EpcopyHostEngineTests", dependencies: ["EpcopyHostEngine", "CEpcopyLinux", "EpcopyGuestAgent",
+                                                              "EpcopyTestSupport"],
                     path: "Tests/EpcopyHostEngineTests"),
-        .testTarget(name: "EpcopyCLITests", dependencies: ["epcopy", "EpcopyHostEngine", "EpcopyProtocol", "CEpcopyLinux"],
+        .testTarget(name: "EpcopyCLITests", dependencies: ["epcopy", "EpcopyHostEngine", "EpcopyProtocol", "CEpcopyLinux",
+                                                      "EpcopyTestSupport"],
                     path: "Tests/EpcopyCLITests"),
     ]
 )

@@ -1,10 +1,11 @@
 // `epcopy agent --once` as an operator runs it on a host: one JSON object whose classes add up to System RAM,
 // and clear refusals for wrong flags.
 
+import EpcopyTestSupport
 import Foundation
 import Testing
 
-@Suite struct AgentCLITests {
+@Suite(.tier(.linux)) struct AgentCLITests {
     @Test(.enabled(if: geteuid() == 0, "reading /proc/kpageflags needs root"))
     func onceJSONAddsUp() throws {
         let result = try runEpcopy(["agent", "--once", "--json"])

@@ -2,14 +2,12 @@
 // contention. Load must have been generated before and after the switch, events recorded, results computed,
 // the plot drawn, and the destination's memory verified page by page.
 
+import EpcopyTestSupport
 import Foundation
 import Testing
 
-@Suite(.serialized) struct BenchHarnessTests {
-    static let image = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
-        .appendingPathComponent("../../Workloads/images/out/bench.img").standardized.path
-
-    @Test(.enabled(if: FileManager.default.fileExists(atPath: image), "run `make images`"))
+@Suite(.serialized, .tier(.qemu), .requires(.benchImage)) struct BenchHarnessTests {
+    @Test
     func aShortRunProducesResultsAndPlots() throws {
         let out = "/tmp/epcopy-bench-test-\(getpid())"
         defer { try? FileManager.default.removeItem(atPath: out) }

@@ -2,12 +2,12 @@
 // each, one migration per mode of the 512 MiB test guest), and a peer that refuses (wrong key): the
 // migration must fail before the switch and leave the source VM running, untouched.
 
+import EpcopyTestSupport
 import Foundation
 import Testing
 
-@Suite(.serialized) struct DaemonTests {
-    static let repository = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
-        .appendingPathComponent("../..").standardized.path
+@Suite(.serialized, .tier(.qemu), .requires(.testGuest), .requires(.namespaces)) struct DaemonTests {
+    static let repository = Prerequisite.repository
 
     @Test func theDemoMigratesTheGuestOnceInEachModeAcrossNamespaces() throws {
         let demo = try Spawned("demo", "/bin/bash", ["\(Self.repository)/scripts/demo"],
@@ -55,8 +55,10 @@ import Testing
             a.wait(seconds: 10)
             b.wait(seconds: 10)
         }
-        usleep(500_000)
-        let guest = "\(Self.repository)/Workloads/guest/out"
+        #expect(waitUntil(deadline: .seconds(30)) {
+            a.stderr.contains("listening on") && b.stderr.contains("listening on")
+        }, "the daemons did not start: \(a.stderr) \(b.stderr)")
+        let guest = Prerequisite.testGuestDirectory
         let start = try Spawned("vm-start", epcopy, [
             "vm", "start", "refused", "--daemon", "127.0.0.1:\(portA)", "--key-file", key,
             "--kernel", "\(guest)/vmlinux", "--initrd", "\(guest)/initrd.img"])

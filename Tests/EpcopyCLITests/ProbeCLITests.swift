@@ -1,5 +1,6 @@
 // The CLI as a user runs it: the real `epcopy` binary, its exit status and its output.
 
+import EpcopyTestSupport
 import Foundation
 import Testing
 
@@ -20,7 +21,7 @@ func runEpcopy(_ arguments: [String]) throws -> (status: Int32, stdout: String, 
     return (process.terminationStatus, String(decoding: stdout, as: UTF8.self), String(decoding: stderr, as: UTF8.self))
 }
 
-@Suite struct ProbeCLITests {
+@Suite(.tier(.linux)) struct ProbeCLITests {
     @Test func probeJSONIsOneObjectWithTheContractKeys() throws {
         let result = try runEpcopy(["probe", "--json"])
         #expect(result.status == 0, "\(result.stderr)")

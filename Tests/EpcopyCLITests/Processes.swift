@@ -1,6 +1,7 @@
 // Test support for running epcopy's programs as separate processes: bounded waits, output captured,
 // and every process this test started killed by PID when the test is done with it.
 
+import EpcopyTestSupport
 import Foundation
 import Testing
 
@@ -14,6 +15,8 @@ final class Spawned: @unchecked Sendable {
     private let lock = NSLock()
     private var stdoutData = Data()
     private var stderrData = Data()
+    /// Output streams that have reached end of file (both: everything the process wrote has been read).
+    private var closedStreams = 0
     let name: String
 
     init(_ name: String, _ executable: String, _ arguments: [String], environment: [String: String] = [:],
@@ -34,11 +37,15 @@ final class Spawned: @unchecked Sendable {
         process.standardInput = FileHandle.nullDevice
         out.fileHandleForReading.readabilityHandler = { [weak self] h in
             let d = h.availableData
-            self?.lock.withLock { self?.stdoutData.append(d) }
+            self?.lock.withLock {
+                if d.isEmpty { self?.endOfStream(h) } else { self?.stdoutData.append(d) }
+            }
         }
         err.fileHandleForReading.readabilityHandler = { [weak self] h in
             let d = h.availableData
-            self?.lock.withLock { self?.stderrData.append(d) }
+            self?.lock.withLock {
+                if d.isEmpty { self?.endOfStream(h) } else { self?.stderrData.append(d) }
+            }
         }
         try process.run()
     }
@@ -48,14 +55,20 @@ final class Spawned: @unchecked Sendable {
     var stderr: String { lock.withLock { String(decoding: stderrData, as: UTF8.self) } }
     var isRunning: Bool { process.isRunning }
 
-    /// Waits up to `seconds`; returns the exit status, or nil if it is still running.
+    /// Called under the lock when a stream reads end of file: stop watching it.
+    private func endOfStream(_ handle: FileHandle) {
+        handle.readabilityHandler = nil
+        closedStreams += 1
+    }
+
+    /// Waits up to `seconds`; returns the exit status, or nil if it is still running. Once it has exited, also
+    /// waits (a few seconds at most: a child it left behind may hold the pipes) until its output is all read.
     @discardableResult
     func wait(seconds: Double) -> Int32? {
-        let deadline = Date().addingTimeInterval(seconds)
-        while process.isRunning && Date() < deadline { usleep(20_000) }
-        if process.isRunning { return nil }
-        // Let the readability handlers drain what is left.
-        usleep(50_000)
+        guard waitUntil(deadline: .seconds(seconds), poll: .milliseconds(20), { !process.isRunning }) else {
+            return nil
+        }
+        waitUntil(deadline: .seconds(5), poll: .milliseconds(5)) { lock.withLock { closedStreams == 2 } }
         return process.terminationStatus
     }
 
@@ -73,12 +86,7 @@ final class Spawned: @unchecked Sendable {
 
 /// Waits until `path` exists (a socket or file another process creates).
 func waitForFile(_ path: String, seconds: Double) -> Bool {
-    let deadline = Date().addingTimeInterval(seconds)
-    while Date() < deadline {
-        if FileManager.default.fileExists(atPath: path) { return true }
-        usleep(10_000)
-    }
-    return false
+    waitUntil(deadline: .seconds(seconds)) { FileManager.default.fileExists(atPath: path) }
 }
 
 /// A free TCP port on loopback (bound and released; good enough for tests run one at a time).

@@ -3,10 +3,11 @@
 
 import EpcopyGuestAgent
 import EpcopyProtocol
+import EpcopyTestSupport
 import Foundation
 import Testing
 
-@Suite struct CollectorTests {
+@Suite(.tier(.unit)) struct CollectorTests {
     @Test func classifierRules() {
         #expect(PageClassifier.classify([.buddy]) == .believedFree)
         #expect(PageClassifier.classify([.offline]) == .believedFree)

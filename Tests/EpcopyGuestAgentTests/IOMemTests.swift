@@ -1,11 +1,12 @@
 // /proc/iomem parsing: a q35 guest above 4 GiB, partial pages, hidden addresses, garbage.
 
 import EpcopyGuestAgent
-import Foundation
 import EpcopyProtocol
+import EpcopyTestSupport
+import Foundation
 import Testing
 
-@Suite struct IOMemTests {
+@Suite(.tier(.unit)) struct IOMemTests {
     static let q35 = """
         00000000-00000fff : Reserved
         00001000-0009fbff : System RAM

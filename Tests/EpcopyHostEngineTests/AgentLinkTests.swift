@@ -7,6 +7,7 @@ import CEpcopyLinux
 import EpcopyGuestAgent
 import EpcopyHostEngine
 import EpcopyProtocol
+import EpcopyTestSupport
 import Foundation
 import Testing
 
@@ -41,6 +42,13 @@ final class FakeAgent: @unchecked Sendable {
         thread = t
     }
 
+    /// Waits until the fake has served its connection and closed it (true), or `seconds` pass (false).
+    func waitServed(seconds: Double) -> Bool {
+        guard done.wait(timeout: .now() + seconds) == .success else { return false }
+        done.signal()  // `finish` waits for the same signal
+        return true
+    }
+
     func finish() {
         shutdown(listenFD, Int32(SHUT_RDWR))
         _ = done.wait(timeout: .now() + 10)
@@ -72,7 +80,7 @@ final class FakeAgent: @unchecked Sendable {
     }
 }
 
-@Suite(.serialized) struct AgentLinkTests {
+@Suite(.serialized, .tier(.linux)) struct AgentLinkTests {
     /// A 4 MiB guest: RAM at frames 1..<0x9f and 0x100..<0x400, as /proc/iomem of the fixture says.
     static let layout = GuestRAMLayout(regionPages: 0x400)
 
@@ -189,6 +197,7 @@ final class FakeAgent: @unchecked Sendable {
             huge += encodeFrameHeader(link: .agent, type: AgentMessage.Kind.freeReport.rawValue,
                                       payloadLength: 8 << 20) { $0 }
             FakeAgent.write(fd, huge)
+            // A trickling sender, paced on purpose: 100 bytes every 50 ms keeps the link busy for 1 s.
             for _ in 0..<20 {
                 FakeAgent.write(fd, [UInt8](repeating: 0xAB, count: 100))
                 usleep(50_000)
@@ -253,7 +262,7 @@ final class FakeAgent: @unchecked Sendable {
         let agent = try FakeAgent { _ in }
         defer { agent.finish() }
         let link = try AgentLink(socketPath: agent.path, layout: Self.layout)
-        usleep(100_000)
+        try #require(agent.waitServed(seconds: 10), "the fake agent did not hang up")
         #expect(throws: AgentLinkError.self) { try link.hello(timeoutMillis: 2000) }
     }
 

@@ -4,10 +4,11 @@
 
 import EpcopyHostEngine
 import EpcopyProtocol
+import EpcopyTestSupport
 import Foundation
 import Testing
 
-@Suite(.serialized) struct AgentMigrationTests {
+@Suite(.serialized, .tier(.qemu), .requires(.testGuest)) struct AgentMigrationTests {
     /// A guest with most of its RAM free — 300 MiB of it dirty, as after a burst of use, so QEMU's own migration
     /// (which skips only zero pages) has to send it. (Enlightened can only send less than half of what QEMU
     /// sends if more of the guest is free and dirty than is in use.)
@@ -156,9 +157,8 @@ extension AgentMigrationTests {
         defer { vm.kill(); vm.teardown() }
         let keeper = HotReportKeeper(socketPath: vm.config.agentSocket, regionPages: vm.config.regionPages,
                                      everyMillis: 1000)
-        let start = Date()
-        while keeper.counts.reports < 2, Date().timeIntervalSince(start) < 30 { usleep(50_000) }
-        #expect(keeper.counts.reports >= 2, "keeper: \(keeper.counts)")
+        #expect(waitUntil(deadline: .seconds(30), poll: .milliseconds(50)) { keeper.counts.reports >= 2 },
+                "keeper: \(keeper.counts)")
         let stopStart = Date()
         let kept = try #require(keeper.stop())
         #expect(Date().timeIntervalSince(stopStart) < 1, "stopping the keeper took too long")

@@ -4,6 +4,7 @@
 
 import EpcopyHostEngine
 import EpcopyProtocol
+import EpcopyTestSupport
 import Foundation
 import Testing
 
@@ -32,7 +33,7 @@ func transferWithKeys(source sourceKey: [UInt8]?, destination destinationKey: [U
     return (sourceError, destinationError)
 }
 
-@Suite(.serialized) struct AuthTests {
+@Suite(.serialized, .tier(.linux)) struct AuthTests {
     let key = Array("0123456789abcdef-epcopy-test-key".utf8)
 
     @Test func enginesWithTheSameKeyTransfer() throws {

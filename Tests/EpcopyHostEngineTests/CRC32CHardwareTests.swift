@@ -5,6 +5,7 @@
 
 import CEpcopyLinux
 import EpcopyProtocol
+import EpcopyTestSupport
 import Testing
 
 
@@ -45,7 +46,7 @@ private func testLengths(using rng: inout SplitMix64) -> [Int] {
     return lengths
 }
 
-@Suite(.enabled(if: epc_cpu_has_sse42() != 0, "needs SSE4.2"))
+@Suite(.tier(.unit), .enabled(if: epc_cpu_has_sse42() != 0, "needs SSE4.2"))
 struct CRC32CHardwareTests {
     @Test func standardCheckValue() {
         let bytes = Array("123456789".utf8)

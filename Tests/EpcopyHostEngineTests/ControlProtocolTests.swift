@@ -5,11 +5,12 @@
 
 import EpcopyHostEngine
 import EpcopyProtocol
+import EpcopyTestSupport
 import Foundation
 import Synchronization
 import Testing
 
-@Suite(.serialized) struct ControlProtocolTests {
+@Suite(.serialized, .tier(.linux)) struct ControlProtocolTests {
     static let key = [UInt8]("control-protocol-test-key-0123456789".utf8)
 
     /// A daemon serving on loopback until the fixture is dropped.

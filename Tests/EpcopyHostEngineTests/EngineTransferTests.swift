@@ -6,6 +6,7 @@
 import CEpcopyLinux
 import EpcopyHostEngine
 import EpcopyProtocol
+import EpcopyTestSupport
 import Foundation
 import Synchronization
 import Testing
@@ -75,7 +76,7 @@ final class Background<T: Sendable>: Sendable {
     }
 }
 
-@Suite(.serialized) struct EngineTransferTests {
+@Suite(.serialized, .tier(.linux)) struct EngineTransferTests {
     @Test func twoEnginesMoveARegionWhileFaultsHappen() throws {
         let pages: UInt64 = 16384  // 64 MiB
         let seed: UInt64 = 0x5EED
@@ -211,8 +212,11 @@ extension EngineTransferTests {
         let engine = try SourceEngine(ramFile: source.path, options: options)
         let src = Background("src") { try engine.run(destination: endpoint) }
         if scanArrives {
-            // The agent's scan takes a while; the push must not run ahead into the hinted pages meanwhile.
-            usleep(250_000)
+            // The agent's scan takes a while. The push sends the 8000 in-use pages and must then hold: the event
+            // that would prove it wrong is one more page going out before the scan is in.
+            #expect(waitUntil(deadline: .seconds(20)) { engine.pagesSent >= 8000 }, "the in-use pages did not go out")
+            #expect(!waitUntil(deadline: .milliseconds(250)) { engine.pagesSent > 8000 },
+                    "believed-free pages went out before the scan")
             destination.markFree(free)
             destination.finishFreeScan(agentAnswered: true, pagesReported: free.count)
         }
@@ -256,13 +260,14 @@ extension EngineTransferTests {
         let engine = try SourceEngine(ramFile: source.path, options: SourceOptions(
             sessionID: 11, vmName: "t", link: LinkSpec(delayNanos: 150_000_000), prefetchPages: 0))
         let srcRun = Background("src") { try engine.run(destination: endpoint) }
-        usleep(100_000)
+        // Touch once the session is up (the push has begun), so the fault is requested over a live link.
+        try #require(waitUntil(deadline: .seconds(10)) { engine.pagesSent > 0 }, "the session did not start")
         let toucher = Background("touch") { () -> Bool in
             MemoryCompare.isZeroPage(UnsafeRawPointer(bitPattern: base + UInt(target * 4096))!)
         }
-        let start = Date()
-        while destination.metrics.faults.load(ordering: .relaxed) == 0, Date().timeIntervalSince(start) < 5 { usleep(1000) }
-        #expect(destination.metrics.faults.load(ordering: .relaxed) > 0)
+        #expect(waitUntil(deadline: .seconds(5), poll: .milliseconds(1)) {
+            destination.metrics.faults.load(ordering: .relaxed) > 0
+        })
         destination.markFree(PageSet(PageRange(PageIndex(rawValue: target))))
         #expect(try toucher.value() == true, "the faulting thread read the stale page instead of a zero page")
         _ = try dstRun.value()
@@ -355,9 +360,7 @@ extension EngineTransferTests {
             sessionID: 13, vmName: "t", link: LinkSpec(bytesPerSecond: 8_000_000, delayNanos: 300_000_000),
             prefetchPages: 0))
         let srcRun = Background("src") { try engine.run(destination: endpoint) }
-        let start = Date()
-        while engine.pagesSentAsZero == 0, Date().timeIntervalSince(start) < 20 { usleep(200) }
-        #expect(engine.pagesSentAsZero > 0)
+        #expect(waitUntil(deadline: .seconds(20), poll: .microseconds(200)) { engine.pagesSentAsZero > 0 })
         let faultsBefore = destination.metrics.faults.load(ordering: .relaxed)
         let woken = WokenFlag()
         let toucher = Background("touch") { () -> Bool in
@@ -365,11 +368,9 @@ extension EngineTransferTests {
             woken.set()
             return ok
         }
-        let touched = Date()
         // The zero message arrives ~0.3 s after the push queued it; the transfer goes on for 2 s more. (Before the
         // fix the fault was woken only when the transfer ended and guest memory was unregistered.)
-        while !woken.isSet, Date().timeIntervalSince(touched) < 1.5 { usleep(1000) }
-        #expect(woken.isSet, "the fault on a page queued as zero was not woken by the zero message")
+        #expect(waitUntil(deadline: .milliseconds(1500), poll: .milliseconds(1)) { woken.isSet }, "the fault on a page queued as zero was not woken by the zero message")
         #expect(destination.metrics.faults.load(ordering: .relaxed) > faultsBefore, "the touch did not fault")
         _ = try dstRun.value()
         _ = try srcRun.value()

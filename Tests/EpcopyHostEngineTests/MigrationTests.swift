@@ -4,19 +4,14 @@
 // the destination placed must equal the source's page at STOP.
 
 import EpcopyHostEngine
+import EpcopyTestSupport
 import Foundation
 import Testing
 
 enum GuestFixture {
-    static let directory = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
-        .appendingPathComponent("../../Workloads/guest/out").standardized.path
     static var image: GuestImage? {
-        let kernel = ["vmlinux", "bzImage"].map { "\(directory)/\($0)" }.first {
-            FileManager.default.fileExists(atPath: $0)
-        }
-        let initrd = "\(directory)/initrd.img"
-        guard let kernel, FileManager.default.fileExists(atPath: initrd) else { return nil }
-        return GuestImage(kernel: kernel, initrd: initrd,
+        guard Prerequisite.testGuest.isMet, let kernel = Prerequisite.testGuestKernel else { return nil }
+        return GuestImage(kernel: kernel, initrd: Prerequisite.testGuestInitrd,
                           append: "console=ttyS0 quiet epcopy.memtest_mib=128 epcopy.seed=11")
     }
     static let preload = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
@@ -24,20 +19,20 @@ enum GuestFixture {
 
     /// Boots a guest and waits until its tester has printed a few OK lines.
     static func bootedGuest(_ name: String, memoryMiB: Int = 512, append: String? = nil) throws -> QEMUProcess {
-        var image = try #require(image, "the test guest is not built: run `make guest`")
+        var image = try #require(image, Comment(rawValue: Prerequisite.testGuest.reason))
         if let append { image.append = append }
         let vm = try Migration.startVM(name: name, memoryMiB: memoryMiB, image: image, deadlineSeconds: 300)
-        let deadline = Date().addingTimeInterval(90)
-        while Date() < deadline {
-            if let n = Migration.lastCounterForTests(vm.serialLog), n >= 2 { return vm }
-            usleep(200_000)
+        if waitUntil(deadline: .seconds(90), poll: .milliseconds(200), {
+            (Migration.lastCounterForTests(vm.serialLog) ?? 0) >= 2
+        }) {
+            return vm
         }
         Issue.record("the guest did not start its memory tester: \(vm.serialLog.suffix(2000))")
         throw MigrationError.failed("guest did not boot")
     }
 }
 
-@Suite(.serialized) struct MigrationTests {
+@Suite(.serialized, .tier(.qemu), .requires(.testGuest)) struct MigrationTests {
     @Test(arguments: MigrationMode.allCases)
     func aRunningGuestMigratesAndVerifies(mode: MigrationMode) throws {
         let source = try GuestFixture.bootedGuest("mig-\(mode.rawValue)-\(getpid())")
@@ -104,8 +99,9 @@ extension MigrationTests {
         let status = try source.qmp.execute("query-status", timeout: .seconds(5))
         #expect(status["status"]?.stringValue == "running")
         let before = Migration.lastCounterForTests(source.serialLog) ?? 0
-        sleep(2)
-        #expect((Migration.lastCounterForTests(source.serialLog) ?? 0) > before, "the source guest stopped counting")
+        #expect(waitUntil(deadline: .seconds(10), poll: .milliseconds(100)) {
+            (Migration.lastCounterForTests(source.serialLog) ?? 0) > before
+        }, "the source guest stopped counting")
     }
 }
 

@@ -1,11 +1,12 @@
 // AtomicPageBitmap against a reference Set<UInt64>: single-bit operations, claim's maximal in-order runs
 // across word boundaries, firstClear, and concurrent claims partitioning a range exactly.
 
+@testable import EpcopyHostEngine
+import EpcopyProtocol
+import EpcopyTestSupport
 import Foundation
 import Synchronization
 import Testing
-@testable import EpcopyHostEngine
-
 
 private struct Run: Equatable, CustomStringConvertible {
     var start: UInt64
@@ -88,7 +89,7 @@ private final class Collected: Sendable {
     let runs = Mutex<[[Run]]>([])
 }
 
-@Suite struct PageBitmapTests {
+@Suite(.tier(.unit)) struct PageBitmapTests {
     // MARK: Single bits
 
     @Test func insertContainsRemoveAndCount() {

@@ -4,19 +4,15 @@
 // and that two QEMUs migrate device state with shared RAM the way epcopy does it.
 
 import CEpcopyLinux
+@testable import EpcopyHostEngine
+import EpcopyTestSupport
 import Foundation
 import Glibc
 import Testing
-@testable import EpcopyHostEngine
 
 // MARK: - Fixtures (also used by QMPTests)
 
 enum QEMUTestSupport {
-    static let available: Bool = HostProbe.findExecutable(
-        ProcessInfo.processInfo.environment["EPCOPY_QEMU"] ?? "qemu-system-x86_64",
-        pathVariable: ProcessInfo.processInfo.environment["PATH"]) != nil
-    static let missing: Comment = "qemu-system-x86_64 is not installed (apt-get install -y qemu-system-x86)"
-
     /// A 64 MiB, 1-vCPU TCG VM with files unique to this test run; `deadline` bounds it.
     static func config(_ role: String, extraArgs: [String] = [], deadline: Double = 25) -> QEMUConfig {
         var config = QEMUConfig(name: "test-\(role)-\(getpid())-\(UInt32.random(in: 0...UInt32.max))",
@@ -46,7 +42,7 @@ enum QEMUTestSupport {
     }
 }
 
-@Suite(.serialized) struct QEMULauncherTests {
+@Suite(.serialized, .tier(.qemu)) struct QEMULauncherTests {
     @Test func commandLineHasTheDesignShape() {
         var config = QEMUConfig(name: "shape", memoryMiB: 256, vcpus: 2, accel: "tcg")
         config.kernel = "/k/bzImage"
@@ -80,7 +76,7 @@ enum QEMUTestSupport {
         #expect(throws: QEMUError.self) { try config.validate() }
     }
 
-    @Test(.enabled(if: QEMUTestSupport.available, QEMUTestSupport.missing))
+    @Test(.requires(.qemu))
     func badArgumentSurfacesQEMUsMessage() throws {
         let config = QEMUTestSupport.config("badarg", extraArgs: ["-device", "epcopy-no-such-device"])
         do throws(QEMUError) {
@@ -101,7 +97,7 @@ enum QEMUTestSupport {
         }
     }
 
-    @Test(.enabled(if: QEMUTestSupport.available, QEMUTestSupport.missing))
+    @Test(.requires(.qemu))
     func watchdogKillsQEMUAtItsDeadline() throws {
         let config = QEMUTestSupport.config("deadline", extraArgs: ["-S"], deadline: 2)
         let started = monotonicNanos()
@@ -118,7 +114,7 @@ enum QEMUTestSupport {
         QEMUTestSupport.expectNothingLeft(pid: pid, config)
     }
 
-    @Test(.enabled(if: QEMUTestSupport.available, QEMUTestSupport.missing))
+    @Test(.requires(.qemu))
     func teardownLeavesNoProcessAndNoFiles() throws {
         let config = QEMUTestSupport.config("teardown", extraArgs: ["-S"])
         let qemu = try QEMUTestSupport.launch(config)
@@ -138,7 +134,7 @@ enum QEMUTestSupport {
         #expect(throws: QMPError.self) { try qemu.qmp.execute("query-status", timeout: .seconds(1)) }
     }
 
-    @Test(.enabled(if: QEMUTestSupport.available, QEMUTestSupport.missing))
+    @Test(.requires(.qemu))
     func keptRAMFileOutlivesItsQEMU() throws {
         let config = QEMUTestSupport.config("keepram", extraArgs: ["-S"])
         let qemu = try QEMUTestSupport.launch(config)
@@ -154,7 +150,7 @@ enum QEMUTestSupport {
     /// epcopy's switchover with both QEMUs real: RAM is shared (x-ignore-shared, so it is not sent), the
     /// source pauses before switchover once it has stopped, its RAM file is copied to the destination's
     /// (post-copy's stand-in), then device state moves and the destination resumes.
-    @Test(.enabled(if: QEMUTestSupport.available, QEMUTestSupport.missing))
+    @Test(.requires(.qemu))
     func migratesDeviceStateWithSharedRAM() throws {
         let sourceConfig = QEMUTestSupport.config("src")
         var destinationConfig = QEMUTestSupport.config("dst")

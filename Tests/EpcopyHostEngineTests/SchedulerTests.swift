@@ -3,9 +3,10 @@
 // once under the highest, a fault turns the next chunks into its neighbourhood at the minimum chunk size,
 // and the chunk size doubles up to the maximum while no fault comes.
 
-import EpcopyProtocol
-import Testing
 @testable import EpcopyHostEngine
+import EpcopyProtocol
+import EpcopyTestSupport
+import Testing
 
 // MARK: - Helpers
 
@@ -89,7 +90,7 @@ private func makeScheduler(region: UInt64, classes: [(PushClass, PageSet<PageInd
 
 // MARK: - Tests
 
-@Suite struct SchedulerTests {
+@Suite(.tier(.unit)) struct SchedulerTests {
     // MARK: Randomised contract
 
     /// Random class layouts (overlapping, empty, duplicated), a skip set before the start and more skips,

@@ -2,12 +2,13 @@
 // (frames queue behind each other at the link rate, an idle link starts a frame at once, the one-way
 // delay is added on top).
 
+@testable import EpcopyHostEngine
+import EpcopyTestSupport
 import Foundation
 import Synchronization
 import Testing
-@testable import EpcopyHostEngine
 
-@Suite struct ShaperTests {
+@Suite(.tier(.unit)) struct ShaperTests {
     // MARK: Parsing
 
     @Test func parseRateReadsBitsPerSecondAsBytes() {

@@ -2,11 +2,12 @@
 // name the call, EBADF/EFAULT trap. Real failing calls check the errno mapping end to end.
 
 import CEpcopyLinux
+@testable import EpcopyHostEngine
+import EpcopyTestSupport
 import Glibc
 import Testing
-@testable import EpcopyHostEngine
 
-@Suite struct SyscallLayerTests {
+@Suite(.tier(.linux)) struct SyscallLayerTests {
     @Test func retriesEINTRUntilTheCallCompletes() throws {
         var attempts = 0
         let rc = try Syscall.check("fake") { () -> Int in
@@ -81,7 +82,7 @@ import Testing
     }
 }
 
-@Suite struct UserfaultfdTests {
+@Suite(.tier(.linux)) struct UserfaultfdTests {
     @Test func handshakeAndShmemRegistrationWork() throws {
         let available = try Userfaultfd.availableFeatures()
         #expect(available.contains(.missingShmem), "this kernel cannot register shmem in MISSING mode")
@@ -113,7 +114,7 @@ import Testing
     }
 }
 
-@Suite struct HostProbeTests {
+@Suite(.tier(.linux)) struct HostProbeTests {
     @Test func probeFindsUserfaultfdAndIoUringOnThisHost() {
         let report = HostProbe.run()
         #expect(report.userfaultfd, "\(report.userfaultfdDevice) \(report.userfaultfdSyscall)")

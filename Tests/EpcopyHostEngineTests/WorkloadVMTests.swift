@@ -3,14 +3,9 @@
 // the destination host's address afterwards, and in enlightened mode every placed page equals the source's.
 
 import EpcopyHostEngine
+import EpcopyTestSupport
 import Foundation
 import Testing
-
-enum BenchImage {
-    static let directory = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
-        .appendingPathComponent("../../Workloads/images/out").standardized.path
-    static var available: Bool { FileManager.default.fileExists(atPath: "\(directory)/bench.img") }
-}
 
 /// One memcached text-protocol exchange; returns what the server said (up to "END"/"STORED"/an error).
 func memcached(_ host: String, _ port: UInt16, _ request: String, timeout: TimeInterval = 5) -> String? {
@@ -38,22 +33,21 @@ func memcached(_ host: String, _ port: UInt16, _ request: String, timeout: TimeI
     return reply
 }
 
-@Suite(.serialized) struct WorkloadVMTests {
-    @Test(.enabled(if: BenchImage.available, "the benchmark image is not built: run `make images`"),
-          arguments: MigrationMode.allCases)
+@Suite(.serialized, .tier(.qemu), .requires(.benchImage)) struct WorkloadVMTests {
+    @Test(arguments: MigrationMode.allCases)
     func memcachedKeepsServingFromTheDestination(mode: MigrationMode) throws {
         let overlay = "/var/tmp/epcopy-test-\(getpid())-\(mode.rawValue).qcow2"
         let create = Process()
         create.executableURL = URL(fileURLWithPath: "/usr/bin/qemu-img")
-        create.arguments = ["create", "-q", "-f", "qcow2", "-F", "raw", "-b", "\(BenchImage.directory)/bench.img", overlay]
+        create.arguments = ["create", "-q", "-f", "qcow2", "-F", "raw", "-b", "\(Prerequisite.benchImageDirectory)/bench.img", overlay]
         try create.run()
         create.waitUntilExit()
         try #require(create.terminationStatus == 0)
         defer { unlink(overlay) }
 
         var config = QEMUConfig(name: "wl-\(mode.rawValue)-\(getpid())", memoryMiB: 1024, deadlineSeconds: 300)
-        config.kernel = "\(GuestFixture.directory)/vmlinux"
-        config.initrd = "\(BenchImage.directory)/initrd.img"
+        config.kernel = "\(Prerequisite.testGuestDirectory)/vmlinux"
+        config.initrd = "\(Prerequisite.benchImageDirectory)/initrd.img"
         config.append = "console=ttyS0 quiet root=/dev/vda rw epcopy.ip=10.0.2.15/24 epcopy.gw=10.0.2.2 "
             + "epcopy.memcached_mb=64 epcopy.mariadb=0"
         config.disk = overlay
@@ -61,9 +55,9 @@ func memcached(_ host: String, _ port: UInt16, _ request: String, timeout: TimeI
         config.forwardHost = "127.0.0.1"
         let source = try QEMUProcess.launch(config, connectTimeout: .seconds(30))
         defer { source.kill(); source.teardown() }
-        let deadline = Date().addingTimeInterval(120)
-        while Date() < deadline, !source.serialLog.contains("memcached up") { usleep(300_000) }
-        try #require(source.serialLog.contains("memcached up"), "\(source.serialLog.suffix(1500))")
+        try #require(waitUntil(deadline: .seconds(120), poll: .milliseconds(300)) {
+            source.serialLog.contains("memcached up")
+        }, "\(source.serialLog.suffix(1500))")
         let value = "moved-by-\(mode.rawValue)"
         #expect(memcached("127.0.0.1", 11211, "set epcopy 0 0 \(value.utf8.count)\r\n\(value)\r\n") == "STORED\r\n")
 

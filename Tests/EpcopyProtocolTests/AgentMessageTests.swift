@@ -2,6 +2,7 @@
 // nonsense (frames beyond the limit, classes outside RAM, overlapping or duplicated classes) report exact errors.
 
 import EpcopyProtocol
+import EpcopyTestSupport
 import Testing
 
 private func decodeAgent(_ kind: AgentMessage.Kind, _ payload: [UInt8],
@@ -27,7 +28,7 @@ private func hotReportPayload(ramMap: PageSet<GuestFrameNumber>,
     return writer.bytes
 }
 
-@Suite struct AgentMessageTests {
+@Suite(.tier(.unit)) struct AgentMessageTests {
     @Test func everyCaseRoundTripsThroughAFrame() throws {
         let messages = try sampleAgentMessages()
         #expect(Set(messages.map(\.kind)) == Set(AgentMessage.Kind.allCases))

@@ -2,6 +2,7 @@
 // value), bounds-checked reads and validated strings.
 
 import EpcopyProtocol
+import EpcopyTestSupport
 import Testing
 
 /// Runs `body` with a reader over `bytes`.
@@ -12,7 +13,7 @@ private func reading<T>(_ bytes: [UInt8], _ body: (inout ByteReader) throws -> T
     }
 }
 
-@Suite struct BytesTests {
+@Suite(.tier(.unit)) struct BytesTests {
     @Test func integersAreLittleEndian() throws {
         var writer = ByteWriter()
         writer.writeU8(0xAB)
@@ -129,7 +130,7 @@ private func reading<T>(_ bytes: [UInt8], _ body: (inout ByteReader) throws -> T
     }
 }
 
-@Suite struct AddressTests {
+@Suite(.tier(.unit)) struct AddressTests {
     @Test func conversions() {
         let offset = RAMOffset(rawValue: 0x5123)
         #expect(offset.pageIndex == PageIndex(rawValue: 5))

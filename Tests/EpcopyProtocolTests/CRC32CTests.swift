@@ -2,6 +2,7 @@
 // the host engine's hardware implementation must produce the same values.
 
 import EpcopyProtocol
+import EpcopyTestSupport
 import Testing
 
 /// Bit-at-a-time CRC-32C: slow and obviously correct.
@@ -16,7 +17,7 @@ private func referenceCRC32C(_ bytes: ArraySlice<UInt8>, seed: UInt32 = 0) -> UI
     return ~crc
 }
 
-@Suite struct CRC32CTests {
+@Suite(.tier(.unit)) struct CRC32CTests {
     @Test func checkValue() {
         #expect(CRC32C.checksum(Array("123456789".utf8)) == 0xE306_9283)
         #expect(CRC32C.checksum([UInt8]()) == 0)

@@ -2,6 +2,7 @@
 // buffer bound, reassembly across arbitrary chunk boundaries, and checksum injection.
 
 import EpcopyProtocol
+import EpcopyTestSupport
 import Testing
 
 /// `frame` with header bytes `offset..<offset + replacement.count` overwritten (CRC not recomputed).
@@ -11,7 +12,7 @@ private func patched(_ frame: [UInt8], at offset: Int, with replacement: [UInt8]
     return bytes
 }
 
-@Suite struct FrameTests {
+@Suite(.tier(.unit)) struct FrameTests {
     @Test func headerLayout() throws {
         let payload: [UInt8] = [1, 2, 3]
         let bytes = encodeFrame(link: .agent, type: 5, payload: payload)

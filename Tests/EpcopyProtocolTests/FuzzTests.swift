@@ -3,6 +3,7 @@
 // (bad CRC, truncation, oversized length, trailing bytes) are counted and must all have been rejected.
 
 import EpcopyProtocol
+import EpcopyTestSupport
 import Testing
 
 /// Valid frames of every message type of both links, kept small so the fuzz loops stay fast in debug builds.
@@ -70,7 +71,7 @@ private func randomBytes(_ lengths: Range<Int>, using rng: inout SplitMix64) -> 
     (0..<Int.random(in: lengths, using: &rng)).map { _ in UInt8.random(in: 0...255, using: &rng) }
 }
 
-@Suite struct FuzzTests {
+@Suite(.tier(.unit)) struct FuzzTests {
     @Test func randomInputsAreRejectedOrRoundTrip() {
         let seed: UInt64 = 0xF022_0001
         var rng = SplitMix64(seed: seed)

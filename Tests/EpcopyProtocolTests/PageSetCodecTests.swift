@@ -2,6 +2,7 @@
 // malformed or hostile encoding is refused with its specific error without allocating for claimed sizes.
 
 import EpcopyProtocol
+import EpcopyTestSupport
 import Testing
 
 private let limit: UInt64 = 1 << 20
@@ -12,7 +13,7 @@ private func decode(_ bytes: [UInt8], pageLimit: UInt64 = limit, maxRanges: Int 
                             allowBitmap: allowBitmap)
 }
 
-@Suite struct PageSetCodecTests {
+@Suite(.tier(.unit)) struct PageSetCodecTests {
     @Test func bothFormsRoundTripAndTheEncoderPicksTheSmaller() throws {
         let seed: UInt64 = 0xC0DE_0001
         var rng = SplitMix64(seed: seed)

@@ -2,6 +2,7 @@
 // merged, non-adjacent, count in sync) verified after every operation, plus exact bitmap conversions.
 
 import EpcopyProtocol
+import EpcopyTestSupport
 import Testing
 
 private let universe: UInt64 = 2000
@@ -23,7 +24,7 @@ private func referenceFirstRange(_ pages: Set<UInt64>, atOrAfter page: UInt64) -
     return (lower, upper)
 }
 
-@Suite struct PageSetTests {
+@Suite(.tier(.unit)) struct PageSetTests {
     @Test func binaryOperationsMatchReference() {
         let seed: UInt64 = 0x5E7_0001
         var rng = SplitMix64(seed: seed)

@@ -2,6 +2,7 @@
 // exact, readable error.
 
 import EpcopyProtocol
+import EpcopyTestSupport
 import Testing
 
 /// Payload of `message` with bytes replaced at `offset`.
@@ -18,7 +19,7 @@ private func decodePeer(_ kind: PeerMessage.Kind, _ payload: [UInt8],
 
 private let name = "peer message "
 
-@Suite struct PeerMessageTests {
+@Suite(.tier(.unit)) struct PeerMessageTests {
     @Test func everyCaseRoundTripsThroughAFrame() throws {
         let messages = try samplePeerMessages()
         #expect(Set(messages.map(\.kind)) == Set(PeerMessage.Kind.allCases))

@@ -1,12 +1,13 @@
 // SHA-256 and HMAC-SHA256 against the standard vectors (FIPS 180-4 examples, RFC 4231).
 
 import EpcopyProtocol
+import EpcopyTestSupport
 import Testing
 
 private func hex(_ bytes: [UInt8]) -> String { bytes.map { String($0, radix: 16).leftPad() }.joined() }
 private extension String { func leftPad() -> String { count == 1 ? "0" + self : self } }
 
-@Suite struct SHA256Tests {
+@Suite(.tier(.unit)) struct SHA256Tests {
     @Test func standardVectors() {
         #expect(hex(SHA256.hash([])) == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
         #expect(hex(SHA256.hash(Array("abc".utf8))) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")

@@ -1,25 +1,9 @@
-// Shared helpers for the protocol tests: a seeded PRNG so every randomised test reproduces from the seed in its
-// failure message, random page sets with a reference model, and small conveniences for catching typed errors.
+// Helpers for the protocol tests: random page sets with a reference model (seeded by EpcopyProtocol's
+// SplitMix64, so every randomised test reproduces from the seed in its failure message), and small
+// conveniences for catching typed errors.
 
 import EpcopyProtocol
 import Testing
-
-/// SplitMix64: tiny, fast, and good enough to drive property tests reproducibly.
-struct SplitMix64: RandomNumberGenerator {
-    private var state: UInt64
-
-    init(seed: UInt64) {
-        state = seed
-    }
-
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
 
 /// The error thrown by `body`, or nil if it returned; records an issue for a non-protocol error.
 func caught<T>(_ body: () throws -> T) -> ProtocolError? {
