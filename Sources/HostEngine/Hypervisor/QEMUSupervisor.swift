@@ -1,0 +1,207 @@
+// The thread that owns one QEMU process: spawns it (bound to this thread by a parent-death signal),
+// drains its stderr, reaps it, and SIGKILLs it when its deadline passes, so no QEMU outlives its purpose.
+
+import CEpcopyLinux
+import Foundation
+import Logging
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Spawns one QEMU from its own thread and stays with it: drains its stderr, reaps it, and kills it at
+/// its deadline. The parent-death signal binds QEMU to this thread, which ends only after reaping.
+final class QEMUSupervisor: @unchecked Sendable {
+    // SAFETY: `state` is only touched with `condition` locked; `thread` is set once by spawn and joined
+    // once by stop, both called by the owning QEMUProcess (or launch) only.
+    private struct State {
+        var pid: Int32?
+        var spawnError: SyscallError?
+        var termination: QEMUTermination?
+        var deadlineExpired = false
+        var stderr: [UInt8] = []
+    }
+
+    private static let stderrLimit = 256 << 10
+    private static let setpriv = "/usr/bin/setpriv"
+
+    private let name: String
+    private let condition = NSCondition()
+    private var state = State()
+    private var thread: JoinableThread?
+
+    init(name: String) { self.name = name }
+
+    var termination: QEMUTermination? { locked { $0.termination } }
+    var deadlineExpired: Bool { locked { $0.deadlineExpired } }
+    var stderrText: String { locked { String(decoding: $0.stderr, as: UTF8.self) } }
+
+    private func locked<T>(_ body: (inout State) -> T) -> T {
+        condition.lock()
+        defer { condition.unlock() }
+        return body(&state)
+    }
+
+    /// Starts the supervising thread, which spawns QEMU; returns QEMU's PID.
+    func spawn(executable: String, arguments: [String], environment: [String: String],
+               deadlineSeconds: Double) throws(QEMUError) -> Int32 {
+        var argv = [executable] + arguments
+        // setpriv sets PR_SET_PDEATHSIG and execs QEMU in place (same PID): if this thread, or all of
+        // epcopy, dies, the kernel SIGKILLs QEMU.
+        if access(Self.setpriv, X_OK) == 0 {
+            argv = [Self.setpriv, "--pdeathsig", "KILL", "--"] + argv
+        }
+        let env = environment.map { "\($0.key)=\($0.value)" }
+        var fds: [Int32] = [-1, -1]
+        let piped = pipe2(&fds, O_CLOEXEC)
+        guard piped == 0 else { throw .spawnFailed(SyscallError(call: "pipe2", errno: errno)) }
+        let deadlineNanos = monotonicNanos() + UInt64(deadlineSeconds * 1e9)
+        let (fullArgv, readEnd, writeEnd) = (argv, fds[0], fds[1])
+        thread = JoinableThread(name: "epcopy-qemu-wd") { [self] in
+            supervise(argv: fullArgv, env: env, stderrRead: readEnd, stderrWrite: writeEnd, deadlineNanos: deadlineNanos)
+        }
+        // The thread reports one or the other right after posix_spawn returns.
+        condition.lock()
+        while state.pid == nil && state.spawnError == nil { condition.wait() }
+        let (pid, error) = (state.pid, state.spawnError)
+        condition.unlock()
+        if let error {
+            thread?.join()
+            throw .spawnFailed(error)
+        }
+        return pid!
+    }
+
+    /// The supervising thread's body.
+    private func supervise(argv: [String], env: [String], stderrRead: Int32, stderrWrite: Int32,
+                           deadlineNanos: UInt64) {
+        let errRead = FileDescriptor(adopting: stderrRead)
+        var pid: pid_t = 0
+        let rc = Self.posixSpawn(argv: argv, env: env, stderr: stderrWrite, pid: &pid)
+        _ = Glibc.close(stderrWrite)
+        guard rc == 0 else {
+            locked { $0.spawnError = SyscallError(call: "posix_spawn(\(argv[0]))", errno: rc) }
+            condition.broadcast()
+            return
+        }
+        locked { $0.pid = pid }
+        condition.broadcast()
+
+        _ = fcntl(errRead.rawValue, F_SETFL, O_NONBLOCK)
+        let pidfd = Int32(epc_pidfd_open(pid, 0))  // -errno on failure: then waitpid is polled
+        defer { if pidfd >= 0 { _ = Glibc.close(pidfd) } }
+        var stderrOpen = true
+        while true {
+            let now = monotonicNanos()
+            if now >= deadlineNanos && !deadlineExpired {
+                Log.qemu.trace("qemu \(name): deadline passed, SIGKILL \(pid)")
+                locked { $0.deadlineExpired = true }
+                kill()
+            }
+            // After the deadline (or without a pidfd) wake up regularly to re-check.
+            var timeoutMs = now < deadlineNanos ? Int32(min((deadlineNanos - now) / 1_000_000 + 1, 1000)) : 100
+            if pidfd < 0 { timeoutMs = min(timeoutMs, 20) }
+            var fds = [pollfd(fd: pidfd, events: Int16(POLLIN), revents: 0),
+                       pollfd(fd: stderrOpen ? errRead.rawValue : -1, events: Int16(POLLIN), revents: 0)]
+            _ = poll(&fds, 2, timeoutMs)
+            if fds[1].revents != 0 { stderrOpen = drainStderr(errRead.rawValue) }
+            if reap(pid) { break }
+        }
+        _ = drainStderr(errRead.rawValue)
+    }
+
+    /// Reads what is available; false at end of file.
+    private func drainStderr(_ fd: Int32) -> Bool {
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = chunk.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+            if n > 0 {
+                locked { s in
+                    let room = Self.stderrLimit - s.stderr.count
+                    if room > 0 { s.stderr.append(contentsOf: chunk[..<min(n, room)]) }
+                }
+                continue
+            }
+            if n < 0 && errno == EINTR { continue }
+            return n < 0  // EAGAIN: still open; 0 or another error: done with it
+        }
+    }
+
+    /// Collects the exit status if QEMU has ended. Under the lock, so `kill` never signals a reaped
+    /// (and possibly reused) PID.
+    private func reap(_ pid: pid_t) -> Bool {
+        let ended = locked { s -> Bool in
+            var status: Int32 = 0
+            let rc = waitpid(pid, &status, WNOHANG)
+            guard rc == pid else {
+                if rc < 0 && errno == ECHILD { s.termination = .exited(-1); return true }  // reaped elsewhere
+                return false
+            }
+            // WIFEXITED/WTERMSIG are macros Swift does not import.
+            let signal = status & 0x7f
+            s.termination = signal == 0 ? .exited((status >> 8) & 0xff) : .signaled(signal)
+            return true
+        }
+        if ended {
+            Log.qemu.trace("qemu \(name): \(termination.map(\.description) ?? "?")")
+            condition.broadcast()
+        }
+        return ended
+    }
+
+    /// SIGKILL by PID, unless already reaped.
+    func kill() {
+        locked { s in
+            if let pid = s.pid, s.termination == nil { _ = Glibc.kill(pid, SIGKILL) }
+        }
+    }
+
+    func waitForExit(timeout: Duration) -> QEMUTermination? {
+        let deadline = monotonicNanos() + HypervisorTime.nanoseconds(timeout)
+        condition.lock()
+        defer { condition.unlock() }
+        while state.termination == nil {
+            let now = monotonicNanos()
+            guard now < deadline else { return nil }
+            _ = condition.wait(until: Date(timeIntervalSinceNow: min(Double(deadline - now) / 1e9, 1)))
+        }
+        return state.termination
+    }
+
+    /// Kills, waits for the reap, joins the thread. If the process cannot be reaped within 10 s the
+    /// thread is left to finish on its own rather than blocking the caller.
+    func stop() {
+        kill()
+        if waitForExit(timeout: .seconds(10)) != nil {
+            thread?.join()
+        }
+    }
+
+    private static func posixSpawn(argv: [String], env: [String], stderr: Int32, pid: inout pid_t) -> Int32 {
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
+        posix_spawn_file_actions_adddup2(&actions, stderr, 2)
+        var attr = posix_spawnattr_t()
+        posix_spawnattr_init(&attr)
+        defer { posix_spawnattr_destroy(&attr) }
+        // Threads of epcopy may block signals or ignore SIGPIPE; QEMU starts with the defaults.
+        var mask = sigset_t()
+        sigemptyset(&mask)
+        posix_spawnattr_setsigmask(&attr, &mask)
+        var defaults = sigset_t()
+        sigemptyset(&defaults)
+        for signal in [SIGPIPE, SIGINT, SIGTERM, SIGHUP, SIGCHLD, SIGUSR1, SIGUSR2] { sigaddset(&defaults, signal) }
+        posix_spawnattr_setsigdefault(&attr, &defaults)
+        posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
+        let cArgv = argv.map { strdup($0) } + [nil]
+        let cEnv = env.map { strdup($0) } + [nil]
+        defer {
+            cArgv.forEach { free($0) }
+            cEnv.forEach { free($0) }
+        }
+        return posix_spawn(&pid, argv[0], &actions, &attr, cArgv, cEnv)
+    }
+}
