@@ -8,15 +8,42 @@ import Testing
 /// The directory with the built products (epcopy, epcopy-memtouch, libEpcopyPreload.so).
 let productsDirectory = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().deletingLastPathComponent()
 
+/// A child's stdout and stderr, each read to end of file by a thread of its own: plain blocking reads, no
+/// dispatch sources, so "all output read" is an event a wait can rely on. The threads keep this (and its
+/// pipes) alive until the streams end, whatever happens to the Spawned that started them.
+private final class CapturedOutput: @unchecked Sendable {
+    // SAFETY (@unchecked): every field but the pipes is behind `lock`; the pipes are set once in init.
+    let out = Pipe()
+    let err = Pipe()
+    private let lock = NSLock()
+    private var data: [Data] = [Data(), Data()]
+    private var ended = [false, false]
+
+    func start() {
+        for (index, pipe) in [out, err].enumerated() {
+            Thread.detachNewThread { [self] in
+                let fd = pipe.fileHandleForReading.fileDescriptor
+                var buffer = [UInt8](repeating: 0, count: 65536)
+                while true {
+                    let n = read(fd, &buffer, buffer.count)
+                    if n < 0, errno == EINTR { continue }
+                    lock.withLock {
+                        if n > 0 { data[index].append(contentsOf: buffer[0..<n]) } else { ended[index] = true }
+                    }
+                    if n <= 0 { break }
+                }
+            }
+        }
+    }
+
+    var stdout: String { lock.withLock { String(decoding: data[0], as: UTF8.self) } }
+    var stderr: String { lock.withLock { String(decoding: data[1], as: UTF8.self) } }
+    var allRead: Bool { lock.withLock { ended[0] && ended[1] } }
+}
+
 final class Spawned: @unchecked Sendable {
     let process = Process()
-    private let out = Pipe()
-    private let err = Pipe()
-    private let lock = NSLock()
-    private var stdoutData = Data()
-    private var stderrData = Data()
-    /// Output streams that have reached end of file (both: everything the process wrote has been read).
-    private var closedStreams = 0
+    private let output = CapturedOutput()
     let name: String
 
     init(_ name: String, _ executable: String, _ arguments: [String], environment: [String: String] = [:],
@@ -32,34 +59,17 @@ final class Spawned: @unchecked Sendable {
         var env = ProcessInfo.processInfo.environment
         for (k, v) in environment { env[k] = v }
         process.environment = env
-        process.standardOutput = out
-        process.standardError = err
+        process.standardOutput = output.out
+        process.standardError = output.err
         process.standardInput = FileHandle.nullDevice
-        out.fileHandleForReading.readabilityHandler = { [weak self] h in
-            let d = h.availableData
-            self?.lock.withLock {
-                if d.isEmpty { self?.endOfStream(h) } else { self?.stdoutData.append(d) }
-            }
-        }
-        err.fileHandleForReading.readabilityHandler = { [weak self] h in
-            let d = h.availableData
-            self?.lock.withLock {
-                if d.isEmpty { self?.endOfStream(h) } else { self?.stderrData.append(d) }
-            }
-        }
         try process.run()
+        output.start()
     }
 
     var pid: Int32 { process.processIdentifier }
-    var stdout: String { lock.withLock { String(decoding: stdoutData, as: UTF8.self) } }
-    var stderr: String { lock.withLock { String(decoding: stderrData, as: UTF8.self) } }
+    var stdout: String { output.stdout }
+    var stderr: String { output.stderr }
     var isRunning: Bool { process.isRunning }
-
-    /// Called under the lock when a stream reads end of file: stop watching it.
-    private func endOfStream(_ handle: FileHandle) {
-        handle.readabilityHandler = nil
-        closedStreams += 1
-    }
 
     /// Waits up to `seconds`; returns the exit status, or nil if it is still running. Once it has exited, also
     /// waits (a few seconds at most: a child it left behind may hold the pipes) until its output is all read.
@@ -68,7 +78,7 @@ final class Spawned: @unchecked Sendable {
         guard waitUntil(deadline: .seconds(seconds), poll: .milliseconds(20), { !process.isRunning }) else {
             return nil
         }
-        waitUntil(deadline: .seconds(5), poll: .milliseconds(5)) { lock.withLock { closedStreams == 2 } }
+        waitUntil(deadline: .seconds(5), poll: .milliseconds(5)) { output.allRead }
         return process.terminationStatus
     }
 
@@ -79,8 +89,6 @@ final class Spawned: @unchecked Sendable {
     deinit {
         kill()
         process.waitUntilExit()
-        out.fileHandleForReading.readabilityHandler = nil
-        err.fileHandleForReading.readabilityHandler = nil
     }
 }
 
