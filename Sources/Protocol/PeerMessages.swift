@@ -356,6 +356,10 @@ public enum PeerMessage: Equatable, Sendable {
     /// [14] Destination → source: the guest's post-resume free scan is in (its pages went out as `freePages`
     /// before this), or there will be none (`agentAnswered` false). Believed-free pages are pushed after it.
     case freeScanDone(agentAnswered: Bool, pagesReported: UInt64)
+    /// [15] Either direction, on the control channel: the sender is alive. A side sends one every keepalive
+    /// interval; a peer silent for longer than the keepalive timeout is a lost link even when no error
+    /// says so (a black hole: packets dropped, nothing reset). No payload.
+    case keepalive
 
     /// The wire type codes of peer messages. Stable: never renumber.
     public enum Kind: UInt8, Sendable, CaseIterable, CustomStringConvertible {
@@ -373,6 +377,7 @@ public enum PeerMessage: Equatable, Sendable {
         case abort = 12
         case resume = 13
         case freeScanDone = 14
+        case keepalive = 15
 
         public var description: String {
             switch self {
@@ -390,6 +395,7 @@ public enum PeerMessage: Equatable, Sendable {
             case .abort: return "abort"
             case .resume: return "resume"
             case .freeScanDone: return "freeScanDone"
+            case .keepalive: return "keepalive"
             }
         }
 
@@ -414,6 +420,7 @@ public enum PeerMessage: Equatable, Sendable {
         case .abort: return .abort
         case .resume: return .resume
         case .freeScanDone: return .freeScanDone
+        case .keepalive: return .keepalive
         }
     }
 
@@ -460,6 +467,8 @@ public enum PeerMessage: Equatable, Sendable {
         case .freeScanDone(let answered, let pages):
             writer.writeU8(answered ? 1 : 0)
             writer.writeU64(pages)
+        case .keepalive:
+            break
         }
         return writer.bytes
     }
@@ -560,6 +569,8 @@ public enum PeerMessage: Equatable, Sendable {
                 throw reader.invalid("pagesReported", "\(pages) above the region's \(context.regionPages) pages")
             }
             message = .freeScanDone(agentAnswered: answered == 1, pagesReported: pages)
+        case .keepalive:
+            message = .keepalive
         }
         try reader.finish()
         return message

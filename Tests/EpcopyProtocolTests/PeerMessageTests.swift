@@ -37,16 +37,18 @@ private let name = "peer message "
         let codes = PeerMessage.Kind.allCases.map { "\($0)=\($0.rawValue)" }
         #expect(codes == ["hello=1", "authChallenge=2", "authResponse=3", "welcome=4", "pageRequest=5",
                           "pageData=6", "zeroPages=7", "freePages=8", "ack=9", "progress=10", "done=11",
-                          "abort=12", "resume=13", "freeScanDone=14"])
+                          "abort=12", "resume=13", "freeScanDone=14", "keepalive=15"])
     }
 
     @Test func unknownTypesAndTrailingBytes() {
         #expect(throws: ProtocolError.unknownMessageType(link: .peer, type: 0)) {
             try PeerMessage.decode(type: 0, payload: [], context: samplePeerContext)
         }
-        #expect(throws: ProtocolError.unknownMessageType(link: .peer, type: 15)) {
-            try PeerMessage.decode(type: 15, payload: [], context: samplePeerContext)
+        #expect(throws: ProtocolError.unknownMessageType(link: .peer, type: 16)) {
+            try PeerMessage.decode(type: 16, payload: [], context: samplePeerContext)
         }
+        // A keepalive has no payload: any byte after its header is refused.
+        #expect(throws: ProtocolError.trailingBytes(count: 1)) { try decodePeer(.keepalive, [0]) }
         #expect(ProtocolError.unknownMessageType(link: .peer, type: 14).description == "unknown peer message type 14")
         let done = PeerMessage.done(PeerDone(pagesSent: 1, bytesSent: 2)).encodedPayload()
         #expect(throws: ProtocolError.trailingBytes(count: 3)) { try decodePeer(.done, done + [1, 2, 3]) }

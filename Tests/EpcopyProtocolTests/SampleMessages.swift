@@ -44,6 +44,7 @@ func samplePeerMessages(pageDataPages: UInt64 = 3) throws -> [PeerMessage] {
         .resume(PeerResume(sessionID: 9, present: PageSet())),
         .freeScanDone(agentAnswered: true, pagesReported: 12_345),
         .freeScanDone(agentAnswered: false, pagesReported: 0),
+        .keepalive,
     ]
 }
 

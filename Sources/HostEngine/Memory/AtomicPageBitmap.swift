@@ -93,6 +93,37 @@ public final class AtomicPageBitmap: @unchecked Sendable {
         return total
     }
 
+    /// The set pages as maximal runs, in order (a snapshot; bits set meanwhile may or may not be in it).
+    public func setRuns() -> [PageRange<PageIndex>] {
+        var runs: [PageRange<PageIndex>] = []
+        var runStart: UInt64 = 0
+        var runLength: UInt64 = 0
+        for i in 0..<wordCount {
+            var word = epc_atomic_load_u64(words + i)
+            if i == wordCount - 1, pageCount & 63 != 0 { word &= (1 << (pageCount & 63)) - 1 }
+            let base = UInt64(i) << 6
+            if word == ~0 {
+                if runLength > 0, runStart + runLength == base { runLength += 64 } else {
+                    if runLength > 0 { runs.append(try! PageRange(start: PageIndex(rawValue: runStart), count: runLength)) }
+                    (runStart, runLength) = (base, 64)
+                }
+                continue
+            }
+            while word != 0 {
+                let bit = UInt64(word.trailingZeroBitCount)
+                let ones = UInt64((~(word >> bit)).trailingZeroBitCount)
+                let first = base + bit
+                if runLength > 0, runStart + runLength == first { runLength += ones } else {
+                    if runLength > 0 { runs.append(try! PageRange(start: PageIndex(rawValue: runStart), count: runLength)) }
+                    (runStart, runLength) = (first, ones)
+                }
+                word = bit + ones >= 64 ? 0 : word & ~(((1 << ones) - 1) << bit)
+            }
+        }
+        if runLength > 0 { runs.append(try! PageRange(start: PageIndex(rawValue: runStart), count: runLength)) }
+        return runs
+    }
+
     /// The first clear page at or after `page`, or nil.
     public func firstClear(atOrAfter page: UInt64) -> UInt64? {
         var p = page

@@ -40,6 +40,13 @@ public final class DestinationPages: Sendable {
     /// Every page is present or zero.
     public var isComplete: Bool { knownCount == regionPages }
 
+    /// Every page present or zero: what a resumed session tells the source it need not send.
+    public func settledSet() -> PageSet<PageIndex> {
+        var settled = PageSet(ranges: presentBits.setRuns())
+        settled.formUnion(PageSet(ranges: zeroBits.setRuns()))
+        return settled
+    }
+
     /// Marks `[first, first+count)` placed (and known, each page counted once).
     public func markPresent(first: PageIndex, count: UInt64) {
         for p in first.rawValue..<(first.rawValue + count) {
@@ -144,6 +151,15 @@ public final class PendingFaults: Sendable {
             size.store(w.count, ordering: .relaxed)
             return times
         }
+    }
+
+    /// Faults waiting now.
+    public var count: Int { size.load(ordering: .relaxed) }
+
+    /// The pages waiting now, in order (a resumed session asks for them again: their requests may have
+    /// been lost with the old urgent channel).
+    public func waitingPages() -> [PageIndex] {
+        waiting.withLock { $0.keys.sorted() }
     }
 
     /// Removes and returns the waiting pages that lie in `set` (pages just marked zero: nothing will be sent

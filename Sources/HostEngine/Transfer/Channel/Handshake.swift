@@ -28,9 +28,10 @@ public struct ChannelIdentity: Sendable {
 }
 
 extension PeerChannel {
-    /// Source side: connects channel `kind` to `destination` and runs the handshake. Connection refusals and
-    /// resets are retried every 50 ms until `retryUntil` (monotonic nanoseconds), so a source may start
-    /// before its destination listens, or wait for a replacement destination.
+    /// Source side: connects channel `kind` to `destination` and runs the handshake. Connection refusals,
+    /// resets and unreachable routes are retried every 50 ms until `retryUntil` (monotonic nanoseconds), so
+    /// a source may start before its destination listens, wait out a link that is down, or wait for a
+    /// replacement destination.
     public static func connect(to destination: Endpoint, kind: PeerChannelKind, identity: ChannelIdentity,
                                timeoutMillis: Int32, retryUntil deadline: UInt64) throws(PeerError) -> PeerChannel {
         let fd: FileDescriptor
@@ -39,7 +40,7 @@ extension PeerChannel {
                 fd = try TCP.connect(to: destination, timeoutMillis: timeoutMillis)
                 break
             } catch {
-                if monotonicNanos() < deadline, [ECONNREFUSED, ECONNRESET, ETIMEDOUT].contains(error.errno) {
+                if monotonicNanos() < deadline, PeerError.linkErrnos.contains(error.errno) {
                     usleep(50_000)
                     continue
                 }

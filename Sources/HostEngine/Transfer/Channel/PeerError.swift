@@ -15,6 +15,9 @@ public enum PeerError: Error, CustomStringConvertible, Equatable {
     case closed(String)
     case aborted(code: UInt16, reason: String)
     case timedOut(String)
+    /// Nothing heard from the peer for `seconds` on a session that keepalives should fill: the link is
+    /// down or black-holed (no error arrives for packets that are silently dropped).
+    case silent(String, seconds: Double)
 
     public var description: String {
         switch self {
@@ -24,19 +27,26 @@ public enum PeerError: Error, CustomStringConvertible, Equatable {
         case .closed(let step): "\(step): the peer closed the connection"
         case .aborted(let code, let reason): "the peer aborted the migration (code \(code)): \(reason)"
         case .timedOut(let step): "\(step): timed out"
+        case .silent(let step, let seconds):
+            "\(step): nothing heard from the peer for \(String(format: "%.1f", seconds)) s (the link is down or dropping packets)"
         }
     }
 }
 
 extension PeerError {
-    /// The peer went away (closed, reset, broken pipe) rather than saying something wrong.
+    /// The peer or the path to it went away (closed, reset, broken pipe, unreachable, silent) rather than
+    /// saying something wrong: what a session may recover from by reconnecting.
     public var isConnectionLoss: Bool {
         switch self {
-        case .closed: return true
-        case .syscall(_, let error): return [ECONNRESET, EPIPE, ECONNABORTED].contains(error.errno)
+        case .closed, .silent: return true
+        case .syscall(_, let error): return Self.linkErrnos.contains(error.errno)
         default: return false
         }
     }
+
+    /// Errors of a socket whose connection or route is gone.
+    static let linkErrnos: Set<Int32> = [ECONNRESET, EPIPE, ECONNABORTED, ECONNREFUSED, ETIMEDOUT, EHOSTUNREACH,
+                                         ENETUNREACH, ENETDOWN, EHOSTDOWN]
 }
 
 /// Hardware CRC32C when the CPU has it (8–10 GB/s against ~1 GB/s for the table version).

@@ -12,23 +12,27 @@ final class DestinationBulkLoop {
     private let placer: PagePlacer
     private let counters: ReceiveCounters
     private let link: LinkSpec
+    private let keepalive: KeepaliveSpec
     private let timeline: Timeline
-    /// The guest's free scan, when it is in: (agent answered, pages reported). Set from another thread.
-    private let takeFreeScanDone: () -> (Bool, UInt64)?
+    /// The guest's free scan, once it is in: (agent answered, pages reported). Set from another thread; told to
+    /// the source once per session (a session lost before it arrived must not leave the source waiting).
+    private let freeScanDone: () -> (Bool, UInt64)?
     /// A failure of another destination thread, checked every turn.
     private let failure: () -> PeerError?
     /// Acknowledge at least this often, even if fewer than 4096 pages were placed.
     static let ackIntervalNanos: UInt64 = 5_000_000
 
     init(control: PeerChannel, bulk: PeerChannel, placer: PagePlacer, counters: ReceiveCounters, link: LinkSpec,
-         timeline: Timeline, takeFreeScanDone: @escaping () -> (Bool, UInt64)?, failure: @escaping () -> PeerError?) {
+         keepalive: KeepaliveSpec, timeline: Timeline, freeScanDone: @escaping () -> (Bool, UInt64)?,
+         failure: @escaping () -> PeerError?) {
         self.control = control
         self.bulk = bulk
         self.placer = placer
         self.counters = counters
         self.link = link
+        self.keepalive = keepalive
         self.timeline = timeline
-        self.takeFreeScanDone = takeFreeScanDone
+        self.freeScanDone = freeScanDone
         self.failure = failure
     }
 
@@ -41,7 +45,7 @@ final class DestinationBulkLoop {
         var sourceDone = false
         var finished = false
         let receiver = BulkFrameReceiver(channel: bulk, loop: loop, placer: placer, counters: counters)
-        try loop.receive(on: control, onMessage: { [placer] message in
+        let controlStream = try loop.receive(on: control, onMessage: { [placer] message in
             switch message {
             case .zeroPages(let set):
                 let t0 = monotonicNanos()
@@ -49,6 +53,8 @@ final class DestinationBulkLoop {
                 Log.engine.trace("destination: \(set.count) zero pages marked in \((monotonicNanos() - t0) / 1000) us")
             case .done:
                 sourceDone = true
+            case .keepalive:
+                break
             case .abort(let a):
                 throw PeerError.aborted(code: a.code, reason: a.reason)
             default:
@@ -62,6 +68,8 @@ final class DestinationBulkLoop {
         var lastAck = monotonicNanos()
         var lastSample: UInt64 = 0
         var sentDone = false
+        var sentScanDone = false
+        let keepalive = Keepalive(keepalive, stream: controlStream)
         func send(_ message: PeerMessage, _ now: UInt64) {
             controlQueue.enqueue(OutgoingFrame(bytes: message.encodedFrame(checksum: fastChecksum)), now: now)
         }
@@ -73,14 +81,18 @@ final class DestinationBulkLoop {
                 for chunk in acks.chunked(maxRanges: 4096) { send(.ack(chunk), now) }
                 lastAck = now
             } else if ackDue { lastAck = now }
-            // Taken before the freed pages, so the marker never overtakes a freePages it stands for.
-            let scanDone = takeFreeScanDone()
+            // Read before the freed pages, so the marker never overtakes a freePages it stands for.
+            let scanDone = sentScanDone ? nil : freeScanDone()
             for chunk in pages.takeFreedNotPresent().chunked(maxRanges: 4096) where !chunk.isEmpty {
                 send(.freePages(chunk), now)
             }
             if let (answered, reported) = scanDone {
+                sentScanDone = true
                 send(.freeScanDone(agentAnswered: answered, pagesReported: reported), now)
             }
+            // Only into an idle queue (anything queued says as much), and not once `done` is out: the session is
+            // ending, and a keepalive still held by link emulation would outlive it.
+            if !sentDone, controlQueue.isIdle, keepalive.due(now: now) { send(.keepalive, now) }
             if now - lastSample > 100_000_000 {
                 lastSample = now
                 let bytes = counters.bytes.load(ordering: .relaxed)
@@ -100,6 +112,7 @@ final class DestinationBulkLoop {
             if sentDone, controlQueue.isIdle { break }
             try loop.turn(now: now, maxWaitNanos: 5_000_000)
             if let error = failure() { throw error }
+            try keepalive.check(now: monotonicNanos(), "destination: control channel")
         }
     }
 }

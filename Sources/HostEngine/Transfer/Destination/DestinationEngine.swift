@@ -23,6 +23,8 @@ public final class DestinationEngine: @unchecked Sendable {
     private let freeScanDone = Mutex<(Bool, UInt64)?>(nil)
     /// CPU seconds of the engine's helper threads, added when each ends.
     private let threadCPU = Mutex<Double>(0)
+    /// The link as the engine sees it: losses so far, and since when it is down.
+    public let link = LinkStatus()
     /// Digests of placed pages when `options.recordDigests`.
     public var digests: PageDigests? { placer.digests }
 
@@ -46,59 +48,55 @@ public final class DestinationEngine: @unchecked Sendable {
 
     /// Accepts the source's three channels on `listener` and serves the transfer until every page is
     /// here. The guest (or test program) may fault from before this call until after it returns.
+    ///
+    /// A lost link (reset, closed, or silent past the keepalive timeout) ends only the session: with
+    /// `reconnectTimeoutMillis` set, the engine waits that long for the source to connect again on the same
+    /// listener, tells it every page it holds (`resume`), re-requests the faults that were waiting, and goes
+    /// on. The fault thread runs throughout, so a vCPU that touches a missing page meanwhile just waits.
     public func run(listener: borrowing Listener) throws(PeerError) -> DestinationReport {
         let start = monotonicNanos()
         let cpuStart = threadCPUSeconds()
         let timeline = Timeline(start: start)
-        let identity = ChannelIdentity(sessionID: options.sessionID, vmName: "destination",
-                                       regionPages: pages.regionPages, key: options.authKey)
-        var channels: [PeerChannelKind: PeerChannel] = [:]
-        // The three channels may arrive in any order.
-        while channels.count < PeerChannelKind.session.count {
-            let channel = try PeerChannel.accept(on: listener, identity: identity, kinds: PeerChannelKind.session,
-                                                 timeoutMillis: options.acceptTimeoutMillis)
-            guard channels[channel.channel] == nil else {
-                throw .unexpected("the source opened a second \(channel.channel) channel for one session")
-            }
-            channels[channel.channel] = channel
-        }
-        let control = channels[.control]!
-        let urgent = channels[.urgent]!
-        let bulk = channels[.bulk]!
-        try control.send(.resume(PeerResume(sessionID: options.sessionID, present: options.initiallyPresent)))
-
-        func eventFD() throws(PeerError) -> EventFD {
-            do { return try EventFD() } catch { throw .syscall("destination set-up: eventfd", error) }
-        }
         let requests: RequestQueue
         do { requests = try RequestQueue() } catch { throw .syscall("destination set-up: eventfd", error) }
-        let quitFaults = try eventFD()
-        let quitUrgent = try eventFD()
+        let quitFaults = try Self.eventFD()
         let faultService = FaultService(placement: placer.placement, pages: pages, requests: requests,
                                         pending: placer.pending, metrics: metrics,
                                         quitFD: quitFaults.descriptor.rawValue)
         let faultThread = helperThread("epcopy-faults") { () throws(PeerError) in
             do throws(SyscallError) { try faultService.run() } catch { throw .syscall("fault thread", error) }
         }
-        let requester = FaultRequester(channel: urgent, requests: requests, placer: placer, counters: counters,
-                                       link: options.link)
-        let quitUrgentFD = quitUrgent.descriptor.rawValue
-        let urgentThread = helperThread("epcopy-dst-urg") { () throws(PeerError) in
-            try Self.loopErrors("urgent loop") { try requester.run(quitFD: quitUrgentFD) }
-        }
         defer {
             quitFaults.signal()
-            quitUrgent.signal()
             faultThread.join()
-            urgentThread.join()
         }
-        let loop = DestinationBulkLoop(control: control, bulk: bulk, placer: placer, counters: counters,
-                                       link: options.link, timeline: timeline,
-                                       takeFreeScanDone: { [self] in
-                                           self.freeScanDone.withLock { d in defer { d = nil }; return d }
-                                       },
-                                       failure: { [self] in self.failure.withLock { $0 } })
-        try Self.loopErrors("bulk loop") { try loop.run() }
+        var losses = 0
+        var pausedNanos: UInt64 = 0
+        var lostAt: UInt64? = nil
+        while true {
+            do throws(PeerError) {
+                let deadline = lostAt.map { $0 + Self.nanos(options.reconnectTimeoutMillis) }
+                    ?? start + Self.nanos(options.acceptTimeoutMillis)
+                try runSession(listener: listener, requests: requests, timeline: timeline, acceptDeadline: deadline,
+                               reconnecting: lostAt != nil, resumed: { [link] now in
+                                   if let lost = lostAt { pausedNanos += now - lost }
+                                   lostAt = nil
+                                   link.resumed()
+                               })
+                break
+            } catch {
+                // A failure of the fault thread, or anything the source said wrong, is not a lost link; a
+                // reconnect that ran out of time is final.
+                guard options.reconnectTimeoutMillis > 0, error.isConnectionLoss, failure.withLock({ $0 }) == nil
+                else { throw error }
+                if lostAt == nil {
+                    losses += 1
+                    lostAt = monotonicNanos()
+                    link.lost(at: lostAt!)
+                }
+                Log.engine.warning("destination: link lost (\(error)); waiting up to \(options.reconnectTimeoutMillis) ms for the source; \(placer.pending.count) faults wait for it")
+            }
+        }
         if options.unregisterWhenDone {
             do { try placer.placement.unregister() } catch {
                 // The range is gone already only if the process that owned it is: nothing left to serve.
@@ -107,12 +105,92 @@ public final class DestinationEngine: @unchecked Sendable {
         }
         let end = monotonicNanos()
         let snapshot = metrics.snapshot()
-        withExtendedLifetime((urgent, bulk)) {}
         return DestinationReport(regionPages: pages.regionPages, pagesReceived: snapshot.bulkPages + snapshot.urgentPages,
                                  pagesZero: pages.zeroCount, bytesReceived: counters.bytes.load(ordering: .relaxed),
                                  transferMillis: Double(end - start) / 1e6,
                                  cpuSeconds: threadCPUSeconds() - cpuStart + threadCPU.withLock { $0 },
-                                 metrics: snapshot, timeline: timeline.jsonLines)
+                                 metrics: snapshot, timeline: timeline.jsonLines, linkLosses: losses,
+                                 pausedMillis: Double(pausedNanos) / 1e6)
+    }
+
+    /// One session: accept the three channels, say what is here, serve until done or the link is lost.
+    /// While `reconnecting`, a connection that fails its handshake (a stale attempt, a scanner, a wrong key)
+    /// is refused and the wait goes on: only the deadline ends it, so nobody can end a paused migration by
+    /// connecting to it.
+    private func runSession(listener: borrowing Listener, requests: RequestQueue, timeline: Timeline,
+                            acceptDeadline deadline: UInt64, reconnecting: Bool,
+                            resumed: (UInt64) -> Void) throws(PeerError) {
+        let identity = ChannelIdentity(sessionID: options.sessionID, vmName: "destination",
+                                       regionPages: pages.regionPages, key: options.authKey)
+        var channels: [PeerChannelKind: PeerChannel] = [:]
+        // The three channels may arrive in any order.
+        while channels.count < PeerChannelKind.session.count {
+            let left = Int64(deadline) - Int64(monotonicNanos())
+            guard left > 0 else {
+                throw .timedOut("waiting for the source (\(PeerChannelKind.session.count - channels.count) channels to go)")
+            }
+            let channel: PeerChannel
+            do {
+                channel = try PeerChannel.accept(on: listener, identity: identity, kinds: PeerChannelKind.session,
+                                                 timeoutMillis: Int32(min(left / 1_000_000 + 1, Int64(Int32.max))))
+            } catch {
+                guard monotonicNanos() < deadline else {
+                    throw .timedOut("waiting for the source on \(listener.endpoint) (\(channels.count) of "
+                                    + "\(PeerChannelKind.session.count) channels came)")
+                }
+                guard reconnecting || error.isConnectionLoss else { throw error }
+                Log.engine.info("destination: refused a connection while waiting for the source: \(error)")
+                continue
+            }
+            if channels[channel.channel] != nil {
+                // A reconnecting source may leave a half-open attempt behind: the newest connection wins.
+                Log.engine.info("destination: the source opened its \(channel.channel) channel again; using the new one")
+            }
+            channels[channel.channel] = channel
+        }
+        let control = channels[.control]!
+        let urgent = channels[.urgent]!
+        let bulk = channels[.bulk]!
+        // A resumed session: everything present or zero here, which the source need not send again (and may
+        // release). The first session says only what a replacement engine took over; pages the guest freed
+        // before it go as freePages, so the source counts them as what they are.
+        var have = options.initiallyPresent
+        if reconnecting { have.formUnion(pages.settledSet()) }
+        try control.send(.resume(PeerResume(sessionID: options.sessionID, present: have)))
+        resumed(monotonicNanos())
+        // Faults whose requests went out on a lost urgent channel are asked for again.
+        requests.push(placer.pending.waitingPages())
+
+        let quitUrgent = try Self.eventFD()
+        let requester = FaultRequester(channel: urgent, requests: requests, placer: placer, counters: counters,
+                                       link: options.link)
+        let quitUrgentFD = quitUrgent.descriptor.rawValue
+        let urgentError = Mutex<PeerError?>(nil)
+        let urgentThread = JoinableThread(name: "epcopy-dst-urg") { [self] in
+            do throws(PeerError) {
+                try Self.loopErrors("urgent loop") { try requester.run(quitFD: quitUrgentFD) }
+            } catch { urgentError.withLock { $0 = error } }
+            let cpu = threadCPUSeconds()
+            threadCPU.withLock { $0 += cpu }
+        }
+        defer {
+            quitUrgent.signal()
+            urgentThread.join()
+        }
+        let loop = DestinationBulkLoop(control: control, bulk: bulk, placer: placer, counters: counters,
+                                       link: options.link, keepalive: options.keepalive, timeline: timeline,
+                                       freeScanDone: { [self] in self.freeScanDone.withLock { $0 } },
+                                       failure: { [self] in
+                                           self.failure.withLock { $0 } ?? urgentError.withLock { $0 }
+                                       })
+        try Self.loopErrors("bulk loop") { try loop.run() }
+        withExtendedLifetime((urgent, bulk)) {}
+    }
+
+    private static func nanos(_ millis: Int32) -> UInt64 { UInt64(max(millis, 0)) * 1_000_000 }
+
+    private static func eventFD() throws(PeerError) -> EventFD {
+        do { return try EventFD() } catch { throw .syscall("destination set-up: eventfd", error) }
     }
 
     /// A helper thread whose error ends the transfer (seen by the bulk loop) and whose CPU time is counted.

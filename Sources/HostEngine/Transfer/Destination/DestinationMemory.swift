@@ -56,6 +56,11 @@ public struct DestinationOptions: Sendable {
     /// Pages already present (a replacement engine after a takeover); sent to the source as `resume`.
     public var initiallyPresent: PageSet<PageIndex>
     public var acceptTimeoutMillis: Int32
+    /// After a lost link, how long to wait for the source to come back (0: the transfer fails at once). Faults
+    /// wait meanwhile: a vCPU that touches a missing page stops until the page comes, never reads a zero.
+    public var reconnectTimeoutMillis: Int32 = 0
+    /// Keepalives on the control channel, and how much silence is a lost link.
+    public var keepalive: KeepaliveSpec = .standard
     /// Unregister the range when done (always, except in tests that inspect the registration).
     public var unregisterWhenDone: Bool
     /// Record a digest of every placed page (`--verify`): see PageDigests.
@@ -85,6 +90,10 @@ public struct DestinationReport: Sendable, Codable, Equatable {
     public var cpuSeconds: Double
     public var metrics: TransferMetrics.Snapshot
     public var timeline: [String]
+    /// Sessions lost to the link (or the source) and resumed.
+    public var linkLosses: Int = 0
+    /// Time between losing a session and resuming on the next one, summed.
+    public var pausedMillis: Double = 0
 
     enum CodingKeys: String, CodingKey {
         case regionPages = "region_pages"
@@ -95,5 +104,7 @@ public struct DestinationReport: Sendable, Codable, Equatable {
         case cpuSeconds = "cpu_s"
         case metrics
         case timeline
+        case linkLosses = "link_losses"
+        case pausedMillis = "paused_ms"
     }
 }

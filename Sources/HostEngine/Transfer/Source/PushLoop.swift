@@ -54,7 +54,7 @@ final class PushLoop {
         } catch let error as PeerError {
             throw error
         } catch let error as SyscallError {
-            if error.errno == EPIPE || error.errno == ECONNRESET { throw .closed("bulk channel") }
+            if error.errno == EPIPE || error.errno == ECONNRESET { throw .closed("a channel to the destination") }
             throw .syscall("bulk loop", error)
         } catch {
             throw .unexpected("bulk loop: \(error)")
@@ -91,7 +91,7 @@ final class PushLoop {
         // Messages are handled into locals, then folded into `state` (an inout cannot be captured).
         var acknowledged = PageSet<PageIndex>()
         var freed: [(PageSet<PageIndex>, PageSet<PageIndex>)] = []
-        try loop.receive(on: control, onMessage: { [shared] message in
+        let controlStream = try loop.receive(on: control, onMessage: { [shared] message in
             switch message {
             case .ack(let pages):
                 acknowledged.formUnion(pages)
@@ -99,7 +99,7 @@ final class PushLoop {
                 // The guest reported these free after resume: never send them, and nothing of them
                 // needs keeping.
                 freed.append((pages, scheduler.skipClaiming(pages)))
-            case .progress:
+            case .progress, .keepalive:
                 break
             case .freeScanDone(let answered, let reported):
                 Log.engine.trace("source: free scan done (agent answered \(answered), \(reported) pages)")
@@ -127,6 +127,7 @@ final class PushLoop {
             freed.removeAll()
         }
         foldMessages()
+        let keepalive = Keepalive(options.keepalive, stream: controlStream)
 
         while !(destinationDone && bulkQueue.isIdle && controlQueue.isIdle) {
             let now = monotonicNanos()
@@ -172,6 +173,11 @@ final class PushLoop {
                     pagesSent: snapshot.bulkPages + snapshot.urgentPages, bytesSent: snapshot.bytesWire))
                     .encodedFrame(checksum: fastChecksum)), now: now)
             }
+            // Only into an idle queue (anything queued says as much), and not once the destination is done.
+            if !destinationDone, controlQueue.isIdle, keepalive.due(now: now) {
+                controlQueue.enqueue(OutgoingFrame(bytes: PeerMessage.keepalive.encodedFrame(checksum: fastChecksum)),
+                                     now: now)
+            }
             if Log.tracing, now - lastTrace > 100_000_000 {
                 lastTrace = now
                 Log.engine.trace(Logger.Message(stringLiteral: "src: released \(state.released.count)/\(memory.regionPages) pushed "
@@ -187,10 +193,14 @@ final class PushLoop {
             do {
                 try loop.turn(now: now, maxWaitNanos: 20_000_000)
             } catch let error as SyscallError where error.errno == EPIPE || error.errno == ECONNRESET {
-                throw PeerError.closed("bulk channel")
+                // Once the destination is done it may close before a last frame of ours (held by link
+                // emulation, say) goes out: nothing we still had to say matters then.
+                if destinationDone { break }
+                throw PeerError.closed("a channel to the destination")
             }
             foldMessages()
             if let error = shared.urgentFailure() { throw error }
+            try keepalive.check(now: monotonicNanos(), "source: control channel")
         }
         // The destination has every page, so no send of a freed page is still queued.
         state.toPunch.formUnion(state.punchWhenIdle)

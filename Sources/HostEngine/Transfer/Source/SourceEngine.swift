@@ -11,6 +11,9 @@
 import EpcopyProtocol
 import Logging
 import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
 
 public final class SourceEngine: @unchecked Sendable {
     // SAFETY (@unchecked): the memory is immutable after init; the threads share only the atomic bitmap,
@@ -27,6 +30,9 @@ public final class SourceEngine: @unchecked Sendable {
     private let freeScan = Mutex<(answered: Bool?, heldNanos: UInt64)>((nil, 0))
     /// CPU seconds of the engine's own threads (not the process: a test or benchmark shares it).
     private let threadCPU = Mutex<Double>(0)
+
+    /// The link as the engine sees it, for progress displays: losses so far, and since when it is down.
+    public let link = LinkStatus()
 
     /// Pages sent so far (bulk and urgent), for progress displays.
     public var pagesSent: UInt64 {
@@ -64,17 +70,40 @@ public final class SourceEngine: @unchecked Sendable {
         var presentAtResume: UInt64 = 0
         var pagesFree: UInt64 = 0
         var pushEnd: UInt64 = 0
+        let wait = UInt64(max(options.reconnectTimeoutMillis, 0)) * 1_000_000
+        var lostAt: UInt64? = nil
+        var pausedNanos: UInt64 = 0
+        var backoffMicros: UInt32 = 50_000
         while true {
             do {
-                let outcome = try runSession(destination: destination, zero: &zero, gate: &pendingGate, state: &state,
-                                             presentAtResume: &presentAtResume, pagesFree: &pagesFree)
+                let outcome = try runSession(destination: destination, retryUntil: (lostAt ?? start) + wait, zero: &zero,
+                                             gate: &pendingGate, state: &state, presentAtResume: &presentAtResume,
+                                             pagesFree: &pagesFree, resumed: { [link] now in
+                                                 if let lost = lostAt { pausedNanos += now - lost }
+                                                 lostAt = nil
+                                                 link.resumed()
+                                             })
                 pushEnd = outcome
                 break
             } catch {
-                guard options.reconnectTimeoutMillis > 0, error.isConnectionLoss else { throw error }
-                reconnects += 1
-                // The destination went away mid-transfer; its replacement tells us what it has.
-                continue
+                // A lost link, or a destination that went away: the next session (the same destination once the
+                // link is back, or its replacement) says what it has. While reconnecting, a handshake that
+                // times out is the link still being down, not a peer that misbehaves.
+                var timedOut = false
+                if case .timedOut = error { timedOut = true }
+                let recoverable = error.isConnectionLoss || (lostAt != nil && timedOut)
+                guard wait > 0, recoverable, monotonicNanos() < (lostAt ?? monotonicNanos()) + wait else { throw error }
+                if lostAt == nil {
+                    reconnects += 1
+                    lostAt = monotonicNanos()
+                    link.lost(at: lostAt!)
+                    backoffMicros = 50_000
+                    Log.engine.warning("source: link lost (\(error)); reconnecting for up to \(options.reconnectTimeoutMillis) ms; \(state.released.count) of \(regionPages) pages are at the destination")
+                } else {
+                    Log.engine.info("source: reconnect attempt failed: \(error)")
+                }
+                usleep(backoffMicros)
+                backoffMicros = min(backoffMicros * 2, 500_000)
             }
         }
         let end = monotonicNanos()
@@ -85,6 +114,7 @@ public final class SourceEngine: @unchecked Sendable {
             bytesWire: snapshot.bytesWire, requests: snapshot.faults,
             pushMillis: Double(pushEnd &- start) / 1e6, tReleaseMillis: Double(end - start) / 1e6,
             cpuSeconds: threadCPUSeconds() - cpuStart + threadCPU.withLock { $0 }, reconnects: reconnects,
+            pausedMillis: Double(pausedNanos) / 1e6,
             pagesByClass: snapshot.pagesByClass, pagesZeroContent: zeroContentPages.load(ordering: .relaxed),
             freeScanAnswered: freeScan.withLock { $0.answered },
             freeHoldMillis: Double(freeScan.withLock { $0.heldNanos }) / 1e6)
@@ -92,13 +122,12 @@ public final class SourceEngine: @unchecked Sendable {
 
     /// One connected session; returns the time the push finished. Throws `.closed` if the
     /// destination went away (the caller may wait for it to come back).
-    private func runSession(destination: Endpoint, zero: inout PageSet<PageIndex>,
+    private func runSession(destination: Endpoint, retryUntil deadline: UInt64, zero: inout PageSet<PageIndex>,
                             gate: inout (@Sendable () -> Void)?, state: inout ReleaseState,
-                            presentAtResume: inout UInt64, pagesFree: inout UInt64) throws(PeerError) -> UInt64 {
-        let wait = options.reconnectTimeoutMillis > 0 ? UInt64(options.reconnectTimeoutMillis) * 1_000_000 : 0
+                            presentAtResume: inout UInt64, pagesFree: inout UInt64,
+                            resumed: (UInt64) -> Void) throws(PeerError) -> UInt64 {
         let identity = ChannelIdentity(sessionID: options.sessionID, vmName: options.vmName, regionPages: regionPages,
                                        key: options.authKey)
-        let deadline = monotonicNanos() + wait
         func open(_ kind: PeerChannelKind) throws(PeerError) -> PeerChannel {
             try PeerChannel.connect(to: destination, kind: kind, identity: identity,
                                     timeoutMillis: options.connectTimeoutMillis, retryUntil: deadline)
@@ -112,6 +141,7 @@ public final class SourceEngine: @unchecked Sendable {
         switch try control.receive(timeoutMillis: options.connectTimeoutMillis) {
         case .resume(let r) where r.sessionID == options.sessionID:
             present = r.present
+            resumed(monotonicNanos())
         case .abort(let a):
             throw .aborted(code: a.code, reason: a.reason)
         case let other:
@@ -129,9 +159,12 @@ public final class SourceEngine: @unchecked Sendable {
         }
         Log.engine.trace("source: holes \(zero.count) pages in \(zero.rangeCount) ranges, scan \((monotonicNanos() - gateOpened) / 1000) us")
         presentAtResume = present.count
+        // Pages released here that the destination does not hold are zero (holes, zero content): on a resumed
+        // session the zeroPages that said so may have been lost with the old one.
+        let zeroThere = state.released.subtracting(present)
         state.released.formUnion(present)
         state.toPunch.formUnion(present)
-        try control.send(.zeroPages(zero))
+        for chunk in zeroThere.chunked(maxRanges: 4096) { try control.send(.zeroPages(chunk)) }
 
         // Every page not yet released is (again) to be sent: a fresh bitmap per session.
         let sent = AtomicPageBitmap(pageCount: regionPages)

@@ -9,8 +9,10 @@ public struct SourceOptions: Sendable {
     /// Push classes from the guest's hot report (RAM-file pages); unnamed pages go last.
     public var classes: [(PushClass, PageSet<PageIndex>)]
     public var connectTimeoutMillis: Int32
-    /// How long to wait for a destination that went away to come back (0: fail at once).
+    /// How long to keep trying to reach a destination that went away, or whose link did (0: fail at once).
     public var reconnectTimeoutMillis: Int32
+    /// Keepalives on the control channel, and how much silence is a lost link.
+    public var keepalive: KeepaliveSpec = .standard
     /// Largest page-data frame, in pages (4 MiB by default).
     public var maxFramePages: UInt64
     /// Pages pushed right behind each fault.
@@ -62,6 +64,8 @@ public struct SourceReport: Sendable, Codable, Equatable {
     public var tReleaseMillis: Double
     public var cpuSeconds: Double
     public var reconnects: Int
+    /// Time between losing a session and the destination's resume on the next one, summed.
+    public var pausedMillis: Double = 0
     public var pagesByClass: [String: UInt64]
     /// Pages whose content was zero, sent as ranges instead of data (holes are in `pagesZero`).
     public var pagesZeroContent: UInt64 = 0
@@ -83,6 +87,7 @@ public struct SourceReport: Sendable, Codable, Equatable {
         case tReleaseMillis = "t_release_ms"
         case cpuSeconds = "cpu_s"
         case reconnects
+        case pausedMillis = "paused_ms"
         case pagesByClass = "pages_by_class"
         case pagesZeroContent = "pages_zero_content"
         case freeScanAnswered = "free_scan_answered"
