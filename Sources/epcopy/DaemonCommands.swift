@@ -182,6 +182,18 @@ struct Migrate: ParsableCommand {
             order; right after RESUME the destination agent reports free pages, which are then never sent. \
             Without an agent answering within --agent-timeout-ms the migration is plain external post-copy with \
             neighbour prefetch, and the output says so (enlightened: false).
+
+            After the switch the guest's memory is split between the two hosts until the last page has moved \
+            (T_release). If the link between the engines breaks meanwhile — a reset, or a black hole noticed \
+            after --keepalive-timeout-ms of silence — both engines reconnect by themselves for up to \
+            --reconnect-deadline seconds: the guest keeps running on the pages it has, a vCPU that faults on a \
+            missing page waits (it never reads a zero page), the destination tells the source exactly which pages \
+            it holds, and the transfer goes on. The progress line shows the outage; --json reports link_losses, \
+            recovered and paused_ms.
+
+            What cannot be recovered: the source host itself lost (power, kernel panic) after the switch and \
+            before T_release. Its RAM file holds the only copy of the pages not yet moved, so the VM is lost; \
+            the exposure window is T_release, which every migration reports (t_release_ms).
             """
     )
     @Argument(help: "VM name.") var name: String
@@ -190,26 +202,38 @@ struct Migrate: ParsableCommand {
     @Flag(help: "Verify destination memory against the source at STOP.") var verify = false
     @Flag(help: "Do not ask the guest agent (plain external post-copy).") var noAgent = false
     @Option(help: "How long to wait for each guest agent report, in ms.") var agentTimeoutMs = 3000
+    @Option(help: ArgumentHelp("After the switch, how long the engines try to get a lost link back, in seconds.",
+                               discussion: "0 makes a lost link fail the migration at once, which leaves the VM stuck."))
+    var reconnectDeadline: Double = 120
+    @Option(help: "Silence between the engines that counts as a lost link, in ms.") var keepaliveTimeoutMs = 2000
     @OptionGroup var daemon: DaemonOptions
     @OptionGroup var output: OutputOptions
 
     func validate() throws {
         guard MigrationMode(rawValue: mode) != nil else { throw ValidationError("--mode: enlightened, postcopy or precopy") }
         guard (1...60_000).contains(agentTimeoutMs) else { throw ValidationError("--agent-timeout-ms: 1...60000") }
+        guard reconnectDeadline.isFinite, (0...86_400).contains(reconnectDeadline) else {
+            throw ValidationError("--reconnect-deadline: 0...86400 seconds")
+        }
+        guard (200...600_000).contains(keepaliveTimeoutMs) else {
+            throw ValidationError("--keepalive-timeout-ms: 200...600000")
+        }
         _ = try parseEndpoint(to, option: "--to")
     }
 
     func run() throws {
         let showProgress = !output.json && isatty(STDOUT_FILENO) != 0
         let options = MigrationRequestOptions(mode: MigrationMode(rawValue: mode)!, verify: verify, agent: !noAgent,
-                                              agentTimeoutMillis: agentTimeoutMs)
+                                              agentTimeoutMillis: agentTimeoutMs,
+                                              reconnectTimeoutMillis: Int(reconnectDeadline * 1000),
+                                              keepaliveTimeoutMillis: keepaliveTimeoutMs)
         let result: MigrationResult
         do {
             let channel = try daemon.connect()
             try channel.send(.migrate(MigrateRequest(name: name, to: to, options: options)))
             var reply = try channel.receiveReply(timeoutMillis: 3_600_000)
-            while case .progress(let moved, let total) = reply {
-                if showProgress { ProgressBar.draw(moved: moved, total: total, label: "\(name) → \(to) (\(mode))") }
+            while case .progress(let progress) = reply {
+                if showProgress { ProgressBar.draw(progress, label: "\(name) → \(to) (\(mode))") }
                 reply = try channel.receiveReply(timeoutMillis: 3_600_000)
             }
             if showProgress { print("") }
@@ -227,6 +251,7 @@ struct Migrate: ParsableCommand {
             print(MigrationTable.header)
             print(MigrationTable.row(result))
             if let line = MigrationTable.agentLine(result) { print(line) }
+            if let line = MigrationTable.linkLine(result) { print(line) }
         }
         if result.mismatchedPages != 0 || result.guestVerdict != "OK" { throw ExitCode(1) }
     }

@@ -38,19 +38,35 @@ enum MigrationTable {
         if !notes.isEmpty { parts.append("notes: \(notes)") }
         return "guest agent: " + parts.joined(separator: "; ")
     }
+
+    /// What the link between the engines went through (only when it was lost at least once).
+    static func linkLine(_ r: MigrationResult) -> String? {
+        guard let losses = r.linkLosses, losses > 0 else { return nil }
+        return String(format: "link: lost %d time%@ after the switch, %@; paused %.1f s in all", losses,
+                      (losses == 1 ? "" : "s") as NSString,
+                      (r.recovered == true ? "recovered by itself" : "not recovered") as NSString,
+                      (r.pausedMillis ?? 0) / 1000)
+    }
 }
 
 /// One line, redrawn in place: how much of the VM's memory has moved.
 enum ProgressBar {
-    static func draw(moved: UInt64, total: UInt64, label: String) {
-        let moved = Double(moved)
-        let total = max(Double(total), 1)
+    static func draw(_ progress: MigrationProgress, label: String) {
+        let moved = Double(progress.bytesMoved)
+        let total = max(Double(progress.bytesTotal), 1)
         let fraction = min(moved / total, 1)
         let width = 30
         let filled = Int(fraction * Double(width))
         let bar = String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled)
-        let text = String(format: "\r%@ [%@] %3.0f%%  %.0f / %.0f MiB", label, bar, fraction * 100,
+        var text = String(format: "\r%@ [%@] %3.0f%%  %.0f / %.0f MiB", label, bar, fraction * 100,
                           moved / 1_048_576, total / 1_048_576)
+        if let down = progress.linkDownMillis {
+            text += String(format: "  link lost %.1f s, reconnecting", down / 1000)
+        } else if progress.linkLosses > 0 {
+            text += "  link recovered" + (progress.linkLosses > 1 ? " (\(progress.linkLosses) losses)" : "")
+        }
+        // Clear what a longer line before this one left behind.
+        text += "\u{1B}[K"
         FileHandle.standardOutput.write(Data(text.utf8))
     }
 }

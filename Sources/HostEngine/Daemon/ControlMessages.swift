@@ -42,12 +42,19 @@ public struct MigrationRequestOptions: Codable, Sendable, Equatable {
     /// Ask the guest agent (false: plain external post-copy).
     public var agent: Bool
     public var agentTimeoutMillis: Int
+    /// After the switch, how long the engines try to get a lost link back (nil: the default, 120 s).
+    public var reconnectTimeoutMillis: Int?
+    /// Silence between the engines that counts as a lost link (nil: the default, 2 s).
+    public var keepaliveTimeoutMillis: Int?
 
-    public init(mode: MigrationMode, verify: Bool, agent: Bool, agentTimeoutMillis: Int) {
+    public init(mode: MigrationMode, verify: Bool, agent: Bool, agentTimeoutMillis: Int,
+                reconnectTimeoutMillis: Int? = nil, keepaliveTimeoutMillis: Int? = nil) {
         self.mode = mode
         self.verify = verify
         self.agent = agent
         self.agentTimeoutMillis = agentTimeoutMillis
+        self.reconnectTimeoutMillis = reconnectTimeoutMillis
+        self.keepaliveTimeoutMillis = keepaliveTimeoutMillis
     }
 }
 
@@ -92,7 +99,7 @@ public enum ControlReply: Codable, Sendable {
     case serial(log: String)
     /// The destination is ready: QEMU's migration stream goes to `migrationURI`, RAM to `engine` (enlightened).
     case prepared(migrationURI: String, engineHost: String?, enginePort: UInt16?)
-    case progress(bytes: UInt64, total: UInt64)
+    case progress(MigrationProgress)
     case result(MigrationResult)
     case error(String)
 }

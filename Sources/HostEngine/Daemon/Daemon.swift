@@ -186,6 +186,18 @@ public final class Daemon: @unchecked Sendable {
             throw ControlError.remote("agentTimeoutMillis must be 1...60000")
         }
         migration.agentTimeoutMillis = UInt64(request.agentTimeoutMillis)
+        if let reconnect = request.reconnectTimeoutMillis {
+            guard (0...86_400_000).contains(reconnect) else {
+                throw ControlError.remote("reconnectTimeoutMillis must be 0...86400000 (a day)")
+            }
+            migration.reconnectTimeoutMillis = Int32(reconnect)
+        }
+        if let silence = request.keepaliveTimeoutMillis {
+            guard (200...600_000).contains(silence) else {
+                throw ControlError.remote("keepaliveTimeoutMillis must be 200...600000")
+            }
+            migration.keepalive = KeepaliveSpec(intervalMillis: UInt64(min(250, silence / 4)), timeoutMillis: UInt64(silence))
+        }
         return migration
     }
 
@@ -221,8 +233,8 @@ public final class Daemon: @unchecked Sendable {
             // Progress lines go to the client while the migration runs; the result line ends the request.
             let client = channel
             outcome = try SourceSide.migrate(source: vm, mode: migration.mode, session: session, destinationURI: uri,
-                                             engineEndpoint: engine, options: migration) { moved, total in
-                try? client.send(ControlReply.progress(bytes: moved, total: total))
+                                             engineEndpoint: engine, options: migration) { progress in
+                try? client.send(ControlReply.progress(progress))
             }
         } catch {
             try? peer.send(ControlRequest.abort)

@@ -226,14 +226,17 @@ private final class MemoryHandover: Sendable {
             throw MigrationError.step("destination: hand-over socket", error)
         }
         let (link, verify, key) = (options.link, options.verify, options.authKey)
+        let (reconnect, keepalive) = (options.reconnectTimeoutMillis, options.keepalive)
         let accepted = ResultSlot<DestinationEngine, any Error>()
         self.accepted = accepted
         thread = JoinableThread(name: "epcopy-handover") {
             accepted.set(Result<DestinationEngine, any Error> {
                 let handover = try listener.accept(timeout: .seconds(60))
                 let memory = try DestinationMemory(handover: handover)
-                return DestinationEngine(memory: memory, options: DestinationOptions(
-                    sessionID: session, link: link, recordDigests: verify, authKey: key))
+                var engineOptions = DestinationOptions(sessionID: session, link: link, recordDigests: verify, authKey: key)
+                engineOptions.reconnectTimeoutMillis = reconnect
+                engineOptions.keepalive = keepalive
+                return DestinationEngine(memory: memory, options: engineOptions)
             })
         }
     }

@@ -39,6 +39,12 @@ public struct MigrationOptions: Sendable {
     /// a responsive guest gives a current picture (pages freed since the kept report are then held back with the
     /// believed-free ones instead of pushed early), a busy one costs only this much. 0: use the kept one as is.
     public var freshReportBudgetMillis: UInt64 = 500
+    /// After the switch, how long both engines keep trying to get a lost link back (enlightened mode). The guest
+    /// runs on wherever it has its pages meanwhile; a vCPU that faults on a missing page waits. 0: a lost link
+    /// fails the migration at once (the VM is then stuck: only for tests and tools that cannot recover).
+    public var reconnectTimeoutMillis: Int32 = 120_000
+    /// Keepalives between the engines, and how much silence is a lost link (a black hole gives no error).
+    public var keepalive: KeepaliveSpec = .standard
 
     public init(mode: MigrationMode, verify: Bool = true, link: LinkSpec = .unshaped, preloadLibrary: String,
                 settleSeconds: Double = 3, authKey: [UInt8]? = nil) {

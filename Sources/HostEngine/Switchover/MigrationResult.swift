@@ -38,6 +38,12 @@ public struct MigrationResult: Sendable, Codable {
     /// QEMU's STOP on the source and RESUME on the destination, wall clock (unix seconds; each host's clock).
     public var stopUnixSeconds: Double?
     public var resumeUnixSeconds: Double?
+    /// Times the link between the engines was lost after the switch (enlightened mode; nil otherwise).
+    public var linkLosses: Int? = nil
+    /// Every loss was recovered and the migration finished (true only when there was a loss).
+    public var recovered: Bool? = nil
+    /// Time spent with the link down, from noticing the loss to the resumed session.
+    public var pausedMillis: Double? = nil
 
     enum CodingKeys: String, CodingKey {
         case mode
@@ -64,6 +70,9 @@ public struct MigrationResult: Sendable, Codable {
         case agentNotes = "agent_notes"
         case stopUnixSeconds = "stop_unix_s"
         case resumeUnixSeconds = "resume_unix_s"
+        case linkLosses = "link_losses"
+        case recovered
+        case pausedMillis = "paused_ms"
     }
 
     /// Every key always present (`--json` is a contract): what does not apply is null, and `enlightened` is false
@@ -94,6 +103,9 @@ public struct MigrationResult: Sendable, Codable {
         try c.encode(agentNotes, forKey: .agentNotes)
         try c.encode(stopUnixSeconds, forKey: .stopUnixSeconds)
         try c.encode(resumeUnixSeconds, forKey: .resumeUnixSeconds)
+        try c.encode(linkLosses, forKey: .linkLosses)
+        try c.encode(recovered, forKey: .recovered)
+        try c.encode(pausedMillis, forKey: .pausedMillis)
     }
 }
 
@@ -120,5 +132,13 @@ extension MigrationResult {
             pagesReportedFree: scan?.answered == true ? scan?.free.count : nil,
             agentNotes: enlightenedMode ? (source.agentNotes ?? []) + (scan?.notes ?? []) : nil,
             stopUnixSeconds: source.stopTimestamp, resumeUnixSeconds: destination.resumeTimestamp)
+        if enlightenedMode {
+            // Each side counts the sessions it lost; one cut may be seen by one side only (the other had
+            // reconnected before it noticed), so the larger count and pause stand for the migration.
+            let losses = max(source.linkLosses ?? 0, report?.linkLosses ?? 0)
+            linkLosses = losses
+            recovered = losses > 0
+            pausedMillis = max(source.pausedMillis ?? 0, report?.pausedMillis ?? 0)
+        }
     }
 }

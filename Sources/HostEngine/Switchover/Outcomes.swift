@@ -48,6 +48,26 @@ public struct SourceOutcome: Sendable, Codable {
     public var pagesSkippedFree: UInt64? = nil
     /// Time the push waited for the destination's free scan.
     public var freeHoldMillis: Double? = nil
+    /// Sessions the source engine lost to the link and resumed, and the time between loss and resume.
+    public var linkLosses: Int? = nil
+    public var pausedMillis: Double? = nil
+}
+
+/// How far a migration has got, as a progress display shows it.
+public struct MigrationProgress: Sendable, Codable, Equatable {
+    public var bytesMoved: UInt64
+    public var bytesTotal: UInt64
+    /// How long the link between the engines has been down (nil: up, or QEMU's own modes).
+    public var linkDownMillis: Double?
+    /// Link losses so far (each recovered, or being recovered).
+    public var linkLosses: Int
+
+    public init(bytesMoved: UInt64, bytesTotal: UInt64, linkDownMillis: Double? = nil, linkLosses: Int = 0) {
+        self.bytesMoved = bytesMoved
+        self.bytesTotal = bytesTotal
+        self.linkDownMillis = linkDownMillis
+        self.linkLosses = linkLosses
+    }
 }
 
 /// How the destination's memory and guest compare with the source at STOP (see DestinationSide.verify).

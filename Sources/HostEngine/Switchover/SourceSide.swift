@@ -46,10 +46,10 @@ public final class SourceSide {
 
     /// Moves `source` to a destination prepared by DestinationSide. Returns when the source host holds
     /// none of the VM: the engine has released every page, the fenced QEMU is gone, its file removed.
-    /// `progress` is called about every 250 ms from another thread with (bytes moved, bytes to move).
+    /// `progress` is called about every 250 ms from another thread with what has moved and the link's state.
     public static func migrate(source: QEMUProcess, mode: MigrationMode, session: UInt64, destinationURI: String,
                                engineEndpoint: Endpoint?, options: MigrationOptions,
-                               progress: (@Sendable (UInt64, UInt64) -> Void)? = nil) throws -> SourceOutcome {
+                               progress: (@Sendable (MigrationProgress) -> Void)? = nil) throws -> SourceOutcome {
         let side = SourceSide(source: source, mode: mode, session: session, options: options)
         try side.prepare(engineEndpoint: engineEndpoint)
         let reporter = progress.map {
@@ -79,6 +79,8 @@ public final class SourceSide {
             sessionID: session, vmName: source.config.name, link: options.link, classes: classes,
             releaseMemory: !options.verify, authKey: options.authKey)
         sourceOptions.holdBulkUntilReleased = true
+        sourceOptions.reconnectTimeoutMillis = options.reconnectTimeoutMillis
+        sourceOptions.keepalive = options.keepalive
         sourceOptions.holdFreeUntilScan = classes.contains { $0.0 == .believedFree && !$0.1.isEmpty }
         // The destination always says when its scan is over (answered or not, at most freeScanTimeout after
         // RESUME); the source's own deadline is only for a destination that never says anything. A RESUME
@@ -167,6 +169,8 @@ public final class SourceSide {
             outcome.pagesByClass = drained.report?.pagesByClass
             outcome.pagesSkippedFree = drained.report?.pagesFree
             outcome.freeHoldMillis = drained.report?.freeHoldMillis
+            outcome.linkLosses = drained.report?.reconnects
+            outcome.pausedMillis = drained.report?.pausedMillis
         }
         return outcome
     }
@@ -207,22 +211,26 @@ private final class PushThread: Sendable {
     }
 }
 
-/// Calls `report` with (bytes moved, bytes to move) about every 250 ms on its own thread until stopped: the
-/// engine's count in enlightened mode, QEMU's own otherwise.
+/// Calls `report` with what has moved about every 250 ms on its own thread until stopped: the engine's count
+/// and link state in enlightened mode, QEMU's own count otherwise.
 private final class ProgressReporter: @unchecked Sendable {
     // SAFETY (@unchecked): `thread` is set once in init and joined once, by the owner, in `stop`.
     private let finished = Atomic<Bool>(false)
     private var thread: JoinableThread?
 
     init(source: QEMUProcess, engine: SourceEngine?, regionPages: UInt64,
-         report: @escaping @Sendable (UInt64, UInt64) -> Void) {
+         report: @escaping @Sendable (MigrationProgress) -> Void) {
         thread = JoinableThread(name: "epcopy-progress") { [self] in
             while !finished.load(ordering: .acquiring) {
                 if let engine {
-                    report(engine.pagesSent << PageGeometry.shift, regionPages << PageGeometry.shift)
+                    report(MigrationProgress(bytesMoved: engine.pagesSent << PageGeometry.shift,
+                                             bytesTotal: regionPages << PageGeometry.shift,
+                                             linkDownMillis: engine.link.downFor.map { HypervisorTime.seconds($0) * 1000 },
+                                             linkLosses: engine.link.losses))
                 } else if let info = try? source.qmp.execute("query-migrate", timeout: .seconds(2)),
                           let total = info["ram"]?["total"]?.intValue {
-                    report(UInt64(info["ram"]?["transferred"]?.intValue ?? 0), UInt64(total))
+                    report(MigrationProgress(bytesMoved: UInt64(info["ram"]?["transferred"]?.intValue ?? 0),
+                                             bytesTotal: UInt64(total)))
                 }
                 usleep(250_000)
             }
