@@ -197,7 +197,10 @@ struct Migrate: ParsableCommand {
             """
     )
     @Argument(help: "VM name.") var name: String
-    @Option(help: "Destination daemon, IPv4-ADDRESS:PORT.") var to: String
+    @Option(help: "Destination daemon, IPv4-ADDRESS:PORT.") var to: String?
+    @Flag(help: ArgumentHelp("Call off the migration of NAME that its daemon is sending, if it has not switched yet.",
+                             discussion: "Ctrl-C on a running `epcopy migrate` does the same."))
+    var cancel = false
     @Option(help: "enlightened, postcopy or precopy.") var mode = "enlightened"
     @Flag(help: "Verify destination memory against the source at STOP.") var verify = false
     @Flag(help: "Do not ask the guest agent (plain external post-copy).") var noAgent = false
@@ -218,10 +221,18 @@ struct Migrate: ParsableCommand {
         guard (200...600_000).contains(keepaliveTimeoutMs) else {
             throw ValidationError("--keepalive-timeout-ms: 200...600000")
         }
+        if cancel { return }
+        guard let to else { throw ValidationError("--to is required (or --cancel)") }
         _ = try parseEndpoint(to, option: "--to")
     }
 
     func run() throws {
+        if cancel {
+            _ = try daemon.request(.cancel(name: name))
+            print("cancelled: \(name) keeps running on its source host")
+            return
+        }
+        let to = self.to!
         let showProgress = !output.json && isatty(STDOUT_FILENO) != 0
         let options = MigrationRequestOptions(mode: MigrationMode(rawValue: mode)!, verify: verify, agent: !noAgent,
                                               agentTimeoutMillis: agentTimeoutMs,
@@ -230,6 +241,20 @@ struct Migrate: ParsableCommand {
         let result: MigrationResult
         do {
             let channel = try daemon.connect()
+            // Ctrl-C asks the daemon to call the migration off; before the switch the VM stays where it is,
+            // after it the daemon refuses and says why, and this command goes on showing the migration.
+            signal(SIGINT, SIG_IGN)
+            let interrupt = DispatchSource.makeSignalSource(signal: SIGINT, queue: .global())
+            interrupt.setEventHandler { [daemon, name] in
+                let answer: String
+                do {
+                    _ = try daemon.request(.cancel(name: name))
+                    answer = "cancel requested: \(name) stays on its source host"
+                } catch { answer = "cannot cancel: \(error)" }
+                FileHandle.standardError.write(Data("\n\(answer)\n".utf8))
+            }
+            interrupt.resume()
+            defer { interrupt.cancel() }
             try channel.send(.migrate(MigrateRequest(name: name, to: to, options: options)))
             var reply = try channel.receiveReply(timeoutMillis: 3_600_000)
             while case .progress(let progress) = reply {

@@ -12,6 +12,8 @@ public enum ControlRequest: Codable, Sendable {
     case vmSerial(name: String)
     /// Client → source daemon: move VM `name` to the daemon at `to`.
     case migrate(MigrateRequest)
+    /// Client → source daemon: call off the migration of VM `name` if it has not switched yet.
+    case cancel(name: String)
     /// Source daemon → destination daemon: prepare to receive (answered with `prepared`).
     case incoming(IncomingRequest)
     /// Source daemon → destination daemon, after the switch: what the source saw (answered with `result`).
@@ -27,6 +29,7 @@ public enum ControlRequest: Codable, Sendable {
         case .vmStop: "vm.stop"
         case .vmSerial: "vm.serial"
         case .migrate: "migrate"
+        case .cancel: "cancel"
         case .incoming: "incoming"
         case .finish: "finish"
         case .abort: "abort"

@@ -39,6 +39,8 @@ public final class Daemon: @unchecked Sendable {
     public let options: DaemonOptions
     private let vms = Mutex<[String: QEMUProcess]>([:])
     private let busy = Mutex<Set<String>>([])
+    /// The migrations this daemon is sending, by VM: what a cancel request acts on.
+    private let cancels = Mutex<[String: MigrationCancel]>([:])
     private let keepers = Mutex<[String: HotReportKeeper]>([:])
     /// `epcopy.daemon`, every line tagged with the address this daemon serves.
     private let logger: Logger
@@ -133,6 +135,18 @@ public final class Daemon: @unchecked Sendable {
             guard let vm = vms.withLock({ $0[name] }) else { throw ControlError.remote("no VM \(name) here") }
             return .serial(log: String(vm.serialLog.suffix(8192)))
         case .migrate(let migrate): return try migrateOut(migrate, channel: channel)
+        case .cancel(let name):
+            let name = try Self.validName(name)
+            guard let cancel = cancels.withLock({ $0[name] }) else {
+                throw ControlError.remote("no migration of \(name) is under way here")
+            }
+            guard cancel.request() else {
+                throw ControlError.remote("\(name) has switched: the source is fenced and holds pages the destination "
+                    + "still needs, so the migration cannot be undone; a lost link or peer is recovered instead, "
+                    + "and it ends when every page has moved")
+            }
+            logger.info("cancel of the migration of \(name) requested")
+            return .ok
         case .incoming(let incoming): return try self.incoming(incoming, channel: channel)
         case .finish, .abort: throw ControlError.protocolViolation("\(request.name) outside a migration")
         }
@@ -209,6 +223,9 @@ public final class Daemon: @unchecked Sendable {
         guard let vm = vms.withLock({ $0[name] }), vm.isRunning else { throw ControlError.remote("no running VM \(name) here") }
         guard busy.withLock({ $0.insert(name).inserted }) else { throw ControlError.remote("\(name) is already migrating") }
         defer { _ = busy.withLock { $0.remove(name) } }
+        let cancel = MigrationCancel()
+        cancels.withLock { $0[name] = cancel }
+        defer { _ = cancels.withLock { $0.removeValue(forKey: name) } }
         // The agent port is the migration's from here on; the latest background report goes with it.
         let kept = stopKeeping(name)
         if migration.mode == .enlightened, migration.useAgent { migration.keptHotReport = kept }
@@ -233,9 +250,12 @@ public final class Daemon: @unchecked Sendable {
             // Progress lines go to the client while the migration runs; the result line ends the request.
             let client = channel
             outcome = try SourceSide.migrate(source: vm, mode: migration.mode, session: session, destinationURI: uri,
-                                             engineEndpoint: engine, options: migration) { progress in
+                                             engineEndpoint: engine, options: migration, cancel: cancel) { progress in
                 try? client.send(ControlReply.progress(progress))
             }
+        } catch MigrationError.cancelled {
+            try? peer.send(ControlRequest.abort)
+            throw ControlError.remote("the migration of \(name) was cancelled before the switch; it keeps running here")
         } catch {
             try? peer.send(ControlRequest.abort)
             if vm.isRunning, (try? vm.qmp.execute("query-status", timeout: .seconds(5)))?["status"]?.stringValue == "running" {

@@ -79,11 +79,14 @@ struct DestinationCheck: Sendable {
 public enum MigrationError: Error, CustomStringConvertible {
     case step(String, any Error)
     case failed(String)
+    /// A cancel came before the switch: the VM keeps running on the source.
+    case cancelled
 
     public var description: String {
         switch self {
         case .step(let step, let error): "\(step): \(error)"
         case .failed(let text): text
+        case .cancelled: "cancelled before the switch"
         }
     }
 }

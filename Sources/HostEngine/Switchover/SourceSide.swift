@@ -49,9 +49,15 @@ public final class SourceSide {
     /// `progress` is called about every 250 ms from another thread with what has moved and the link's state.
     public static func migrate(source: QEMUProcess, mode: MigrationMode, session: UInt64, destinationURI: String,
                                engineEndpoint: Endpoint?, options: MigrationOptions,
+                               cancel: MigrationCancel? = nil,
                                progress: (@Sendable (MigrationProgress) -> Void)? = nil) throws -> SourceOutcome {
         let side = SourceSide(source: source, mode: mode, session: session, options: options)
         try side.prepare(engineEndpoint: engineEndpoint)
+        if let cancel, !cancel.beginSwitch() {
+            // Nothing has moved and the VM never stopped: the engine tells the destination, and goes.
+            side.push?.callOff()
+            throw MigrationError.cancelled
+        }
         let reporter = progress.map {
             ProgressReporter(source: source, engine: side.push?.engine, regionPages: side.regionPages, report: $0)
         }
@@ -102,10 +108,10 @@ public final class SourceSide {
             if mode == .postcopy { _ = try source.qmp.execute("migrate-start-postcopy", timeout: .seconds(10)) }
             stop = try source.qmp.waitForEvent("STOP", timeout: .seconds(600), after: switchStart)
         } catch {
-            push?.openGate()
-            // Before STOP nothing has moved: the source keeps running (cancel in case QEMU started).
+            // Before STOP nothing has moved: the source keeps running (cancel in case QEMU started), and the
+            // engine sends nothing of a VM that still runs.
             _ = try? source.qmp.execute("migrate_cancel", timeout: .seconds(5))
-            push?.join()
+            push?.callOff()
             throw MigrationError.step("source: migrate", error)
         }
         fence()
@@ -181,6 +187,7 @@ public final class SourceSide {
 private final class PushThread: Sendable {
     let engine: SourceEngine
     private let gate: DispatchSemaphore
+    private let calledOff = CalledOff()
     private let ended: ResultSlot<(SourceReport, UInt64), PeerError>
     private let thread: JoinableThread
 
@@ -189,17 +196,28 @@ private final class PushThread: Sendable {
         self.engine = engine
         self.gate = gate
         self.ended = ended
+        let calledOff = self.calledOff
         thread = JoinableThread(name: "epcopy-src") {
             let result = Result<SourceReport, PeerError> { () throws(PeerError) in
-                try engine.run(destination: destination, gate: { gate.wait() })
+                try engine.run(destination: destination, gate: {
+                    gate.wait()
+                    return !calledOff.flag.load(ordering: .acquiring)
+                })
             }
             let at = monotonicNanos()
             ended.set(result.map { ($0, at) })
         }
     }
 
-    /// Lets the engine start pushing. Call once.
+    /// Lets the engine start pushing. Call once (or `callOff`).
     func openGate() { gate.signal() }
+
+    /// The migration is off before the switch: the engine sends nothing, tells the destination, and ends.
+    func callOff() {
+        calledOff.flag.store(true, ordering: .releasing)
+        gate.signal()
+        thread.join()
+    }
 
     /// Waits for the engine to end, whatever its result.
     func join() { thread.join() }
@@ -209,6 +227,11 @@ private final class PushThread: Sendable {
         thread.join()
         return try ended.get()
     }
+}
+
+/// Set when a migration is called off before its switch; read by the engine's gate.
+private final class CalledOff: Sendable {
+    let flag = Atomic<Bool>(false)
 }
 
 /// Calls `report` with what has moved about every 250 ms on its own thread until stopped: the engine's count

@@ -58,3 +58,8 @@ private func makeFastChecksum() -> ChecksumFunction {
         epc_crc32c_hw(seed, bytes.baseAddress, bytes.count)
     }
 }
+
+extension PeerAbort {
+    /// The engines' abort codes: 1 session mismatch, 2 a channel not served, 3 called off before the switch.
+    public static let cancelledCode: UInt16 = 3
+}

@@ -59,8 +59,10 @@ public final class SourceEngine: @unchecked Sendable {
     ///
     /// `gate`, when given, is called once the channels are connected and authenticated and must return
     /// when the RAM file is final (the source VM has stopped): a migration connects while the VM still
-    /// runs, so that at STOP the first pages — those the device-state load touches — leave at once.
-    public func run(destination: Endpoint, gate: (@Sendable () -> Void)? = nil) throws(PeerError) -> SourceReport {
+    /// runs, so that at STOP the first pages — those the device-state load touches — leave at once. The gate
+    /// returns false when the migration is off before its switch: nothing is sent, the destination is told
+    /// (`abort`), and `run` throws `.aborted`.
+    public func run(destination: Endpoint, gate: (@Sendable () -> Bool)? = nil) throws(PeerError) -> SourceReport {
         let start = monotonicNanos()
         let cpuStart = threadCPUSeconds()
         var state = ReleaseState(regionPages: regionPages)
@@ -123,7 +125,7 @@ public final class SourceEngine: @unchecked Sendable {
     /// One connected session; returns the time the push finished. Throws `.closed` if the
     /// destination went away (the caller may wait for it to come back).
     private func runSession(destination: Endpoint, retryUntil deadline: UInt64, zero: inout PageSet<PageIndex>,
-                            gate: inout (@Sendable () -> Void)?, state: inout ReleaseState,
+                            gate: inout (@Sendable () -> Bool)?, state: inout ReleaseState,
                             presentAtResume: inout UInt64, pagesFree: inout UInt64,
                             resumed: (UInt64) -> Void) throws(PeerError) -> UInt64 {
         let identity = ChannelIdentity(sessionID: options.sessionID, vmName: options.vmName, regionPages: regionPages,
@@ -148,7 +150,11 @@ public final class SourceEngine: @unchecked Sendable {
             throw .unexpected("expected resume on the control channel, got \(other.kind)")
         }
         if let wait = gate {
-            wait()
+            guard wait() else {
+                let reason = "the migration was called off before the switch"
+                try? control.send(.abort(PeerAbort(code: PeerAbort.cancelledCode, reason: reason)))
+                throw .aborted(code: PeerAbort.cancelledCode, reason: reason)
+            }
             gate = nil
         }
         let gateOpened = monotonicNanos()
