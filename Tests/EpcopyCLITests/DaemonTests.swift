@@ -60,24 +60,8 @@ import Testing
     /// A cancel before the switch (what Ctrl-C on `epcopy migrate` sends): the VM keeps running on the source,
     /// the destination holds nothing, and the migrate command fails with a message that says so.
     @Test func aCancelBeforeTheSwitchLeavesTheVMOnTheSource() throws {
-        let key = "/tmp/epcopy-test-cancelkey-\(getpid())"
-        defer { unlink(key) }
-        try Data("0123456789abcdef0123456789abcdef".utf8).write(to: URL(fileURLWithPath: key))
-        let epcopy = productsDirectory.appendingPathComponent("epcopy").path
-        let (portA, portB) = (freePort(), freePort())
-        let a = try Spawned("serve-a", epcopy, ["serve", "--listen", "127.0.0.1:\(portA)", "--key-file", key,
-                                                "--vm-deadline", "300"])
-        let b = try Spawned("serve-b", epcopy, ["serve", "--listen", "127.0.0.1:\(portB)", "--key-file", key,
-                                                "--vm-deadline", "300"])
-        defer {
-            a.kill(SIGTERM)
-            b.kill(SIGTERM)
-            a.wait(seconds: 10)
-            b.wait(seconds: 10)
-        }
-        #expect(waitUntil(deadline: .seconds(30)) {
-            a.stderr.contains("listening on") && b.stderr.contains("listening on")
-        }, "the daemons did not start: \(a.stderr) \(b.stderr)")
+        let daemons = try TwoDaemons(name: "cancel")
+        let (key, portA, portB, epcopy) = (daemons.keyA, daemons.portA, daemons.portB, TwoDaemons.epcopy)
         let guest = Prerequisite.testGuestDirectory
         let start = try Spawned("vm-start", epcopy, [
             "vm", "start", "stays", "--daemon", "127.0.0.1:\(portA)", "--key-file", key,
@@ -108,29 +92,13 @@ import Testing
                                                     "--key-file", key])
         #expect(serial.wait(seconds: 30) == 0)
         #expect(!serial.stdout.contains("CORRUPT"), "\(serial.stdout)")
+        withExtendedLifetime(daemons) {}
     }
 
     @Test func aPeerThatRefusesLeavesTheSourceVMRunning() throws {
-        let key = "/tmp/epcopy-test-key-\(getpid())"
-        let otherKey = "/tmp/epcopy-test-otherkey-\(getpid())"
-        defer { unlink(key); unlink(otherKey) }
-        try Data("0123456789abcdef0123456789abcdef".utf8).write(to: URL(fileURLWithPath: key))
-        try Data("fedcba9876543210fedcba9876543210".utf8).write(to: URL(fileURLWithPath: otherKey))
-        let epcopy = productsDirectory.appendingPathComponent("epcopy").path
-        let (portA, portB) = (freePort(), freePort())
-        let a = try Spawned("serve-a", epcopy, ["serve", "--listen", "127.0.0.1:\(portA)", "--key-file", key,
-                                                "--vm-deadline", "300"])
-        let b = try Spawned("serve-b", epcopy, ["serve", "--listen", "127.0.0.1:\(portB)", "--key-file", otherKey,
-                                                "--vm-deadline", "300"])
-        defer {
-            a.kill(SIGTERM)
-            b.kill(SIGTERM)
-            a.wait(seconds: 10)
-            b.wait(seconds: 10)
-        }
-        #expect(waitUntil(deadline: .seconds(30)) {
-            a.stderr.contains("listening on") && b.stderr.contains("listening on")
-        }, "the daemons did not start: \(a.stderr) \(b.stderr)")
+        let daemons = try TwoDaemons(name: "refuse", sameKey: false)
+        let (key, otherKey, portA, portB) = (daemons.keyA, daemons.keyB, daemons.portA, daemons.portB)
+        let epcopy = TwoDaemons.epcopy
         let guest = Prerequisite.testGuestDirectory
         let start = try Spawned("vm-start", epcopy, [
             "vm", "start", "refused", "--daemon", "127.0.0.1:\(portA)", "--key-file", key,
@@ -153,6 +121,42 @@ import Testing
         let list = try Spawned("vm-list", epcopy, ["vm", "list", "--daemon", "127.0.0.1:\(portA)", "--key-file", key])
         #expect(list.wait(seconds: 30) == 0)
         #expect(list.stdout.contains("refused") && list.stdout.contains("running"), "\(list.stdout)")
+        withExtendedLifetime(daemons) {}
+    }
+}
+
+/// Two `epcopy serve` daemons on loopback, each with a key file (the same key, or two different ones), started
+/// and waited for; stopped (SIGTERM, then waited for) and their key files removed when this goes away.
+final class TwoDaemons {
+    static let epcopy = productsDirectory.appendingPathComponent("epcopy").path
+    let keyA: String
+    let keyB: String
+    let portA = freePort()
+    let portB = freePort()
+    private let a: Spawned
+    private let b: Spawned
+
+    init(name: String, sameKey: Bool = true) throws {
+        keyA = "/tmp/epcopy-test-\(name)-a-\(getpid())"
+        keyB = sameKey ? keyA : "/tmp/epcopy-test-\(name)-b-\(getpid())"
+        try Data("0123456789abcdef0123456789abcdef".utf8).write(to: URL(fileURLWithPath: keyA))
+        if !sameKey { try Data("fedcba9876543210fedcba9876543210".utf8).write(to: URL(fileURLWithPath: keyB)) }
+        a = try Spawned("serve-a", Self.epcopy, ["serve", "--listen", "127.0.0.1:\(portA)", "--key-file", keyA,
+                                                 "--vm-deadline", "300"])
+        b = try Spawned("serve-b", Self.epcopy, ["serve", "--listen", "127.0.0.1:\(portB)", "--key-file", keyB,
+                                                 "--vm-deadline", "300"])
+        try #require(waitUntil(deadline: .seconds(30)) {
+            a.stderr.contains("listening on") && b.stderr.contains("listening on")
+        }, "the daemons did not start: \(a.stderr) \(b.stderr)")
+    }
+
+    deinit {
+        a.kill(SIGTERM)
+        b.kill(SIGTERM)
+        a.wait(seconds: 10)
+        b.wait(seconds: 10)
+        unlink(keyA)
+        unlink(keyB)
     }
 }
 
