@@ -110,10 +110,12 @@ import Testing
                 "\(cut): source reconnects \(srcReport.reconnects), destination losses \(dstReport.linkLosses)")
         #expect(engine.link.downFor == nil && destination.link.downFor == nil)
         // The destination said what it had: pages that landed before the cut were not sent again. What was in
-        // flight (socket buffers on three hops, at most a few MiB per loss) may be.
-        #expect(srcReport.pagesPresentAtResume >= UInt64(Double(pages) * fraction) - 4096)
+        // flight may be: socket buffers on three hops (source, relay both ways, destination), each autotuned up
+        // to several MiB — 32 MiB per loss bounds it (seen: 16.2 MiB in a black hole then reset).
+        #expect(srcReport.pagesPresentAtResume >= UInt64(Double(pages) * fraction),
+                "resume said \(srcReport.pagesPresentAtResume) pages")
         let sent = srcReport.pagesPushed + srcReport.pagesUrgent
-        #expect(sent <= pages - holes.count + 4096 * UInt64(srcReport.reconnects), "\(cut): \(sent) pages sent")
+        #expect(sent <= pages - holes.count + 8192 * UInt64(srcReport.reconnects), "\(cut): \(sent) pages sent")
         #expect(srcReport.pausedMillis > 0 && dstReport.pausedMillis > 0)
         #expect(source.allocatedBytes == 0, "the source still holds \(source.allocatedBytes) bytes")
         withExtendedLifetime(targetFD) {}

@@ -76,9 +76,14 @@ public final class SourceEngine: @unchecked Sendable {
         var lostAt: UInt64? = nil
         var pausedNanos: UInt64 = 0
         var backoffMicros: UInt32 = 50_000
+        // The deadline runs from the first loss after the last one that made progress: a session that resumes
+        // and fails again at once, over and over, must not renew it forever.
+        var stalledSince: UInt64? = nil
+        var releasedAtLastLoss: UInt64 = 0
         while true {
             do {
-                let outcome = try runSession(destination: destination, retryUntil: (lostAt ?? start) + wait, zero: &zero,
+                let outcome = try runSession(destination: destination, retryUntil: (stalledSince ?? start) + wait,
+                                             zero: &zero,
                                              gate: &pendingGate, state: &state, presentAtResume: &presentAtResume,
                                              pagesFree: &pagesFree, resumed: { [link] now in
                                                  if let lost = lostAt { pausedNanos += now - lost }
@@ -94,7 +99,11 @@ public final class SourceEngine: @unchecked Sendable {
                 var timedOut = false
                 if case .timedOut = error { timedOut = true }
                 let recoverable = error.isConnectionLoss || (lostAt != nil && timedOut)
-                guard wait > 0, recoverable, monotonicNanos() < (lostAt ?? monotonicNanos()) + wait else { throw error }
+                let released = state.released.count
+                if released > releasedAtLastLoss { stalledSince = nil }
+                releasedAtLastLoss = released
+                if stalledSince == nil { stalledSince = monotonicNanos() }
+                guard wait > 0, recoverable, monotonicNanos() < stalledSince! + wait else { throw error }
                 if lostAt == nil {
                     reconnects += 1
                     lostAt = monotonicNanos()
@@ -185,6 +194,8 @@ public final class SourceEngine: @unchecked Sendable {
         let responder = FaultResponder(channel: urgent, sent: sent, hint: hint, shaper: shaper, framer: framer,
                                        metrics: metrics)
         let stopFD = stop.descriptor.rawValue
+        // A new session: what the last one's urgent thread hit is history.
+        urgentError.withLock { $0 = nil }
         let urgentThread = JoinableThread(name: "epcopy-src-urg") { [self] in
             do { try responder.run(stopFD: stopFD) } catch let error as PeerError {
                 urgentError.withLock { $0 = error }
