@@ -18,7 +18,8 @@ public final class DestinationSide: @unchecked Sendable {
     public let qemu: QEMUProcess
     public let engine: DestinationEngine?
     public let engineEndpoint: Endpoint?
-    public let migrationURI: String
+    public private(set) var migrationURI: String
+    private let bindHost: String
     public let mode: MigrationMode
     private let engineThread: JoinableThread?
     private let engineResult = ResultSlot<DestinationReport, PeerError>()
@@ -37,6 +38,7 @@ public final class DestinationSide: @unchecked Sendable {
         config.forwardHost = bindHost
         config.incoming = true
         unlink(config.ramFile)
+        self.bindHost = bindHost
         migrationURI = "tcp:\(bindHost):\(Self.freePort(host: bindHost))"
         let handover = mode == .enlightened ? try MemoryHandover(config: &config, session: session, options: options) : nil
         qemu = try Self.launch(config, handover: handover)
@@ -90,7 +92,14 @@ public final class DestinationSide: @unchecked Sendable {
     private func prepareIncoming() throws {
         do {
             try QEMUMigration.setCapabilities(qemu.qmp, for: mode)
-            _ = try qemu.qmp.execute("migrate-incoming", arguments: ["uri": .string(migrationURI)], timeout: .seconds(10))
+            // The port was free when it was picked, but another socket on this host (this migration's own engine
+            // listener among them) may take it before QEMU binds it: pick another and try again.
+            for attempt in 1...5 {
+                let failure = Self.migrateIncoming(qemu.qmp, uri: migrationURI)
+                guard let failure else { break }
+                guard attempt < 5, "\(failure)".contains("already in use") else { throw failure }
+                migrationURI = "tcp:\(bindHost):\(Self.freePort(host: bindHost))"
+            }
         } catch {
             abandon()
             throw MigrationError.step("destination: migrate-incoming", error)
@@ -202,6 +211,14 @@ public final class DestinationSide: @unchecked Sendable {
     public func abandon() {
         qemu.kill()
         qemu.teardown()
+    }
+
+    /// QMP migrate-incoming; the error, if any.
+    private static func migrateIncoming(_ qmp: QMPClient, uri: String) -> (any Error)? {
+        do {
+            _ = try qmp.execute("migrate-incoming", arguments: ["uri": .string(uri)], timeout: .seconds(10))
+            return nil
+        } catch { return error }
     }
 
     private static func freePort(host: String) -> UInt16 {
