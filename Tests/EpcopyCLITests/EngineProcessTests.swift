@@ -110,7 +110,8 @@ func runTransfer(_ scenario: TransferScenario) throws {
         #expect(!toucher.stdout.contains("CORRUPT"))
         destination = try Spawned("replacement", epcopy, [
             "engine", "destination", "--listen", "\(address):\(port)", "--session", session,
-            "--take-over", files.state, "--json"] + rate, prefix: destinationPrefix)
+            "--take-over", files.state, "--json"] + rate, environment: ["EPCOPY_LOG": "debug"],
+            prefix: destinationPrefix)
     }
 
     let sourceStatus = source.wait(seconds: 180)
@@ -118,7 +119,7 @@ func runTransfer(_ scenario: TransferScenario) throws {
     let toucherStatus = toucher.wait(seconds: 30)
     #expect(sourceStatus == 0, "source: \(source.stderr)")
     #expect(destinationStatus == 0, "destination: \(destination.stderr)")
-    #expect(toucherStatus == 0, "memtouch: \(toucher.stdout) \(toucher.stderr)")
+    #expect(toucherStatus == 0, "memtouch: \(toucher.stdout) \(toucher.stderr) \(blockedOn(toucher.pid)); destination said: \(destination.stderr)")
     #expect(toucher.stdout.contains("OK pages=\(pages)"), "memtouch: \(toucher.stdout) \(toucher.stderr)")
 
     // The destination file, read directly, equals the source pattern; holes are zero.
@@ -140,6 +141,14 @@ func runTransfer(_ scenario: TransferScenario) throws {
         #expect(report.pagesPresentAtResume > 0)
     }
     #expect(allocatedBytes(files.source) == 0, "the source still holds memory")
+}
+
+/// Where a process that should have finished is stuck: its kernel wait channel and stack (root only), so a
+/// hang in CI says whether a fault was left unanswered.
+func blockedOn(_ pid: Int32) -> String {
+    let wchan = (try? String(contentsOfFile: "/proc/\(pid)/wchan", encoding: .utf8)) ?? "?"
+    let stack = (try? String(contentsOfFile: "/proc/\(pid)/stack", encoding: .utf8)) ?? "?"
+    return "blocked in \(wchan): \(stack.split(separator: "\n").prefix(6).joined(separator: " < "))"
 }
 
 @Suite(.serialized, .tier(.linux)) struct EngineProcessTests {

@@ -9,6 +9,8 @@ import Foundation
 
 public enum ControlError: Error, CustomStringConvertible {
     case io(String)
+    /// Nothing came within the wait asked for; the connection is intact and the next receive may succeed.
+    case timedOut
     case protocolViolation(String)
     case refused(String)
     case remote(String)
@@ -16,6 +18,7 @@ public enum ControlError: Error, CustomStringConvertible {
     public var description: String {
         switch self {
         case .io(let text): text
+        case .timedOut: "the peer did not answer in time"
         case .protocolViolation(let text): "the peer broke the control protocol: \(text)"
         case .refused(let text): "refused: \(text)"
         case .remote(let text): text
@@ -123,7 +126,7 @@ public final class ControlChannel: @unchecked Sendable {
             switch result {
             case .success(let count): n = count
             case .failure(let error) where error.errno == ETIMEDOUT:
-                throw ControlError.io("the peer did not answer in time")
+                throw ControlError.timedOut
             case .failure(let error):
                 throw ControlError.io("receive: \(error)")
             }

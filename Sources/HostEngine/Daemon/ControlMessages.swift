@@ -20,6 +20,10 @@ public enum ControlRequest: Codable, Sendable {
     case finish(source: SourceOutcome)
     /// Source daemon → destination daemon, before the switch: the migration is off.
     case abort
+    /// The same two on a new connection, when the one that prepared migration `session` was lost (see
+    /// ControlRejoin): answered like the originals, with the same result if the finish already ran.
+    case finishSession(session: UInt64, source: SourceOutcome)
+    case abortSession(session: UInt64)
 
     /// The request's name in logs.
     public var name: String {
@@ -33,6 +37,8 @@ public enum ControlRequest: Codable, Sendable {
         case .incoming: "incoming"
         case .finish: "finish"
         case .abort: "abort"
+        case .finishSession: "finish (rejoined)"
+        case .abortSession: "abort (rejoined)"
         }
     }
 }

@@ -37,13 +37,16 @@ public struct DaemonOptions: Sendable {
 public final class Daemon: @unchecked Sendable {
     // SAFETY (@unchecked): `vms` is behind a Mutex; options are immutable.
     public let options: DaemonOptions
-    private let vms = Mutex<[String: QEMUProcess]>([:])
+    let vms = Mutex<[String: QEMUProcess]>([:])
     private let busy = Mutex<Set<String>>([])
     /// The migrations this daemon is sending, by VM: what a cancel request acts on.
     private let cancels = Mutex<[String: MigrationCancel]>([:])
     private let keepers = Mutex<[String: HotReportKeeper]>([:])
+    /// The migrations this daemon receives (and the last few it received), by session: where a source whose
+    /// control connection was lost delivers its finish or abort again (see ControlRejoin).
+    let rejoins = Mutex<[UInt64: ControlRejoin]>([:])
     /// `epcopy.daemon`, every line tagged with the address this daemon serves.
-    private let logger: Logger
+    let logger: Logger
 
     public init(options: DaemonOptions) {
         self.options = options
@@ -75,7 +78,7 @@ public final class Daemon: @unchecked Sendable {
     }
 
     /// Starts keeping VM `name`'s hot report fresh (see HotReportKeeper).
-    private func keepHotReport(_ name: String, _ vm: QEMUProcess) {
+    func keepHotReport(_ name: String, _ vm: QEMUProcess) {
         guard options.hotReportEveryMillis > 0 else { return }
         let keeper = HotReportKeeper(socketPath: vm.config.agentSocket, regionPages: vm.config.regionPages,
                                      everyMillis: options.hotReportEveryMillis)
@@ -149,6 +152,8 @@ public final class Daemon: @unchecked Sendable {
             return .ok
         case .incoming(let incoming): return try self.incoming(incoming, channel: channel)
         case .finish, .abort: throw ControlError.protocolViolation("\(request.name) outside a migration")
+        case .finishSession(let session, let source): return try rejoined(session, .finish(source))
+        case .abortSession(let session): return try rejoined(session, .abort)
         }
     }
 
@@ -192,7 +197,7 @@ public final class Daemon: @unchecked Sendable {
         return .started(name: name, pid: vm.pid, ramFile: config.ramFile)
     }
 
-    private func migrationOptions(_ request: MigrationRequestOptions) throws -> MigrationOptions {
+    func migrationOptions(_ request: MigrationRequestOptions) throws -> MigrationOptions {
         var migration = MigrationOptions(mode: request.mode, verify: request.verify, link: options.link,
                                          preloadLibrary: options.preloadLibrary, authKey: options.key)
         migration.useAgent = request.agent
@@ -233,16 +238,12 @@ public final class Daemon: @unchecked Sendable {
         defer { if !switched, vm.isRunning { keepHotReport(name, vm) } }
 
         // Prepare the destination first: if it cannot start, nothing happens here.
-        let peer = try ControlChannel.connect(to, key: options.key)
         let session = UInt64.random(in: 1...UInt64.max)
+        let peer = PeerDaemonLink(try ControlChannel.connect(to, key: options.key), endpoint: to, key: options.key,
+                                  session: session, reconnectMillis: Int(migration.reconnectTimeoutMillis), logger: logger)
         var spec = VMSpec(vm.config)
         spec.name = name
-        try peer.send(ControlRequest.incoming(IncomingRequest(spec: spec, session: session, options: request.options)))
-        guard case .prepared(let uri, let engineHost, let enginePort) = try peer.receiveReply(timeoutMillis: 120_000),
-              uri.hasPrefix("tcp:")
-        else { throw ControlError.protocolViolation("incoming answered without a tcp: migration URI") }
-        var engine: Endpoint?
-        if let engineHost, let enginePort { engine = Endpoint("\(engineHost):\(enginePort)") }
+        let (uri, engine) = try peer.prepare(IncomingRequest(spec: spec, session: session, options: request.options))
         logger.info("migrating \(name) to \(to) (\(migration.mode.rawValue)), QEMU stream \(uri)")
 
         let outcome: SourceOutcome
@@ -254,10 +255,10 @@ public final class Daemon: @unchecked Sendable {
                 try? client.send(ControlReply.progress(progress))
             }
         } catch MigrationError.cancelled {
-            try? peer.send(ControlRequest.abort)
+            peer.abort()
             throw ControlError.remote("the migration of \(name) was cancelled before the switch; it keeps running here")
         } catch {
-            try? peer.send(ControlRequest.abort)
+            peer.abort()
             if vm.isRunning, (try? vm.qmp.execute("query-status", timeout: .seconds(5)))?["status"]?.stringValue == "running" {
                 throw ControlError.remote("migration of \(name) failed before the switch; it keeps running here: \(error)")
             }
@@ -265,37 +266,6 @@ public final class Daemon: @unchecked Sendable {
         }
         switched = true
         vms.withLock { _ = $0.removeValue(forKey: name) }
-        try peer.send(ControlRequest.finish(source: outcome))
-        guard case .result(let result) = try peer.receiveReply(timeoutMillis: 600_000) else {
-            throw ControlError.protocolViolation("finish answered without a result")
-        }
-        return .result(result)
-    }
-
-    /// Destination role: start the VM here and receive it.
-    private func incoming(_ request: IncomingRequest, channel: ControlChannel) throws -> ControlReply {
-        let spec = try Self.validSpec(request.spec)
-        let name = try Self.validName(spec.name)
-        let migration = try migrationOptions(request.options)
-        guard vms.withLock({ $0[name] == nil }) else { throw ControlError.remote("a VM named \(name) already runs here") }
-        let destination = try DestinationSide(spec: spec, name: "\(options.instance)-\(name)", mode: migration.mode,
-                                              session: request.session, bindHost: options.listen.host,
-                                              options: migration)
-        try channel.send(ControlReply.prepared(migrationURI: destination.migrationURI,
-                                               engineHost: destination.engineEndpoint?.host,
-                                               enginePort: destination.engineEndpoint?.port))
-        let next = try? channel.receiveRequest(timeoutMillis: 3_600_000)
-        guard case .finish(let source) = next else {
-            destination.abandon()
-            throw ControlError.remote("the source abandoned the migration of \(name) before the switch")
-        }
-        let outcome = try destination.finish()
-        let result = Migration.combine(source: source, destination: outcome, destinationSide: destination,
-                                       options: migration)
-        vms.withLock { $0[name] = destination.qemu }
-        keepHotReport(name, destination.qemu)
-        let downtime = String(format: "%.1f", result.downtimeMillis)
-        logger.info("received \(name): downtime \(downtime) ms, \(result.mismatchedPages) mismatched pages, guest \(result.guestVerdict)")
-        return .result(result)
+        return .result(try peer.finish(outcome))
     }
 }

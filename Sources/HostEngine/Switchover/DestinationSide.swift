@@ -165,6 +165,18 @@ public final class DestinationSide: @unchecked Sendable {
         return outcome
     }
 
+    /// Whether the guest runs here already (RESUME seen): from then on the VM must never be given up.
+    public var hasResumed: Bool {
+        if case .success = resumed.peek() { return true }
+        return false
+    }
+
+    /// Whether `finish` would return at once: every page is here, or the engine has ended (in QEMU's own
+    /// modes: the guest runs here). Never blocks.
+    public var hasDrained: Bool {
+        engineThread == nil ? hasResumed : engineResult.peek() != nil
+    }
+
     // MARK: drain
 
     /// Waits for RESUME and, in enlightened mode, for every page to arrive.

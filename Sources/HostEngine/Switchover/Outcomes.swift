@@ -95,6 +95,8 @@ public enum MigrationError: Error, CustomStringConvertible {
 final class ResultSlot<Value: Sendable, Failure: Error>: Sendable {
     private let value = Mutex<Result<Value, Failure>?>(nil)
     func set(_ result: Result<Value, Failure>) { value.withLock { $0 = result } }
+    /// The result if it has been set, without waiting or failing.
+    func peek() -> Result<Value, Failure>? { value.withLock { $0 } }
     func get() throws(Failure) -> Value {
         guard let result = value.withLock({ $0 }) else { preconditionFailure("result read before it was set") }
         return try result.get()

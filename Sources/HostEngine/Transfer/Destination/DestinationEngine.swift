@@ -99,8 +99,9 @@ public final class DestinationEngine: @unchecked Sendable {
         }
         if options.unregisterWhenDone {
             do { try placer.placement.unregister() } catch {
-                // The range is gone already only if the process that owned it is: nothing left to serve.
-                Log.engine.trace("destination: unregister at the end: \(error)")
+                // The range is gone already if the process that owned it is (nothing left to serve); any
+                // other failure leaves its threads to fault on pages nobody will place, so say so.
+                Log.engine.warning("destination: unregister at the end failed: \(error)")
             }
         }
         let end = monotonicNanos()

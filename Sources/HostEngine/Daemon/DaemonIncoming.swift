@@ -1,0 +1,146 @@
+// The daemon's destination role: start the VM here under the shim, tell the source where to send, then wait
+// for the source's last word — finish (with what the source saw, to verify against) or abort — on the
+// connection that prepared the migration or, if that one is lost, on a new one (ControlRejoin). A lost
+// control connection never costs the VM: before the switch the destination waits for the source to come
+// back or give up (the VM keeps running on the source meanwhile); once the guest runs here it stays here,
+// and if the source never comes back the migration finishes here without the source's report.
+
+import EpcopyProtocol
+import Foundation
+
+extension Daemon {
+    /// Destination role: start the VM here and receive it.
+    func incoming(_ request: IncomingRequest, channel: ControlChannel) throws -> ControlReply {
+        let spec = try Self.validSpec(request.spec)
+        let name = try Self.validName(spec.name)
+        let migration = try migrationOptions(request.options)
+        guard vms.withLock({ $0[name] == nil }) else { throw ControlError.remote("a VM named \(name) already runs here") }
+        let destination = try DestinationSide(spec: spec, name: "\(options.instance)-\(name)", mode: migration.mode,
+                                              session: request.session, bindHost: options.listen.host,
+                                              options: migration)
+        let rejoin = ControlRejoin()
+        remember(rejoin, session: request.session)
+        do {
+            try channel.send(ControlReply.prepared(migrationURI: destination.migrationURI,
+                                                   engineHost: destination.engineEndpoint?.host,
+                                                   enginePort: destination.engineEndpoint?.port))
+        } catch {
+            destination.abandon()
+            rejoin.finish(.failure(.remote("the destination could not answer the source: \(error)")))
+            throw error
+        }
+        let reconnectMillis = max(Int(migration.reconnectTimeoutMillis), 10_000)
+        switch lastWord(from: channel, rejoin: rejoin, session: request.session, destination: destination,
+                        reconnectMillis: reconnectMillis) {
+        case .said(.finish(let source)):
+            let result: MigrationResult
+            do {
+                let outcome = try destination.finish()
+                result = Migration.combine(source: source, destination: outcome, destinationSide: destination,
+                                           options: migration)
+            } catch {
+                rejoin.finish(.failure(.remote("\(error)")))
+                throw error
+            }
+            keep(name, destination)
+            rejoin.finish(.success(result))
+            let downtime = String(format: "%.1f", result.downtimeMillis)
+            logger.info("received \(name): downtime \(downtime) ms, \(result.mismatchedPages) mismatched pages, guest \(result.guestVerdict)")
+            return .result(result)
+        case .said(.abort), .silentBeforeSwitch:
+            destination.abandon()
+            let text = "the source abandoned the migration of \(name) before the switch"
+            rejoin.finish(.failure(.remote(text)))
+            throw ControlError.remote(text)
+        case .silentAfterSwitch:
+            // The guest runs here and every page is here: keep it. Its memory cannot be checked against the source
+            // (its digests never came), so say so instead of claiming a verified migration.
+            let text = "the source daemon never came back after the switch: \(name) runs here, its memory unverified"
+            do { _ = try destination.finish() } catch {
+                rejoin.finish(.failure(.remote("\(text); \(error)")))
+                throw error
+            }
+            keep(name, destination)
+            logger.warning("\(text)")
+            rejoin.finish(.failure(.remote(text)))
+            throw ControlError.remote(text)
+        }
+    }
+
+    /// A source that lost its control connection, asking again on a new one.
+    func rejoined(_ session: UInt64, _ step: ControlRejoin.Step) throws -> ControlReply {
+        guard let rejoin = rejoins.withLock({ $0[session] }) else {
+            throw ControlError.remote("no migration with session \(session) here")
+        }
+        if !rejoin.deliver(step) { logger.info("session \(session): the source asked again; answering as before") }
+        if case .abort = step { return .ok }
+        // The finish runs on the incoming request's thread: the drain, the digests, the guest's verdict.
+        guard let answer = rejoin.waitForAnswer(millis: 900_000) else {
+            throw ControlError.remote("session \(session) did not finish within 15 minutes")
+        }
+        return .result(try answer.get())
+    }
+
+    private enum LastWord {
+        case said(ControlRejoin.Step)
+        /// The control connection was lost, the source never came back, and the guest never ran here.
+        case silentBeforeSwitch
+        /// The control connection was lost and the source never came back, but the guest runs here.
+        case silentAfterSwitch
+    }
+
+    /// Waits for the source's finish or abort. While the connection lives it is read for it; once it is lost,
+    /// only a rejoin brings it. The source comes back when its side is done (after its own drain), so the wait
+    /// runs `reconnectMillis` past whichever is later, the loss or the last page landing here; a guest that
+    /// never ran here is given up `reconnectMillis` after the loss.
+    private func lastWord(from channel: ControlChannel, rejoin: ControlRejoin, session: UInt64,
+                          destination: DestinationSide, reconnectMillis: Int) -> LastWord {
+        var lostAt: UInt64?
+        var drainedAt: UInt64?
+        let patience = UInt64(reconnectMillis) * 1_000_000
+        while true {
+            if let step = rejoin.waitForStep(millis: lostAt == nil ? 0 : 200) { return .said(step) }
+            guard let lost = lostAt else {
+                do {
+                    switch try channel.receiveRequest(timeoutMillis: 500) {
+                    case .finish(let source): rejoin.deliver(.finish(source))
+                    case .abort: rejoin.deliver(.abort)
+                    case let other:
+                        try? channel.send(ControlReply.error("\(other.name) in the middle of a migration: expected finish or abort"))
+                    }
+                } catch ControlError.timedOut {
+                } catch ControlError.protocolViolation(let text) {
+                    try? channel.send(ControlReply.error("not a request: \(text)"))
+                } catch {
+                    lostAt = monotonicNanos()
+                    logger.warning("session \(session): the control connection to the source was lost (\(error)); waiting for it to come back")
+                }
+                continue
+            }
+            let now = monotonicNanos()
+            if !destination.qemu.isRunning { return destination.hasResumed ? .silentAfterSwitch : .silentBeforeSwitch }
+            if destination.hasDrained, drainedAt == nil { drainedAt = now }
+            if destination.hasResumed {
+                if let drained = drainedAt, now > max(drained, lost) + patience { return .silentAfterSwitch }
+            } else if now > lost + patience {
+                return .silentBeforeSwitch
+            }
+        }
+    }
+
+    /// Registers a migration's rendezvous; forgets the oldest finished ones beyond the last 16.
+    private func remember(_ rejoin: ControlRejoin, session: UInt64) {
+        rejoins.withLock { all in
+            all[session] = rejoin
+            if all.count > 16 {
+                for (key, value) in all where value.isFinished && key != session && all.count > 16 { all[key] = nil }
+            }
+        }
+    }
+
+    /// The VM lives here now.
+    private func keep(_ name: String, _ destination: DestinationSide) {
+        vms.withLock { $0[name] = destination.qemu }
+        keepHotReport(name, destination.qemu)
+    }
+}
