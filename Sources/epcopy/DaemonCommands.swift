@@ -58,6 +58,11 @@ struct Serve: ParsableCommand {
             + "a few seconds of age cost nothing in correctness. Each report costs the guest one scan of its "
             + "page flags.", valueName: "seconds"))
     var hotReportEvery: Double = 10
+    @Option(help: ArgumentHelp(
+        "Where migrations past their switch are recorded (default: /var/lib/epcopy/<instance>).",
+        discussion: "A daemon restarted with the same directory finishes every migration it finds there: the "
+            + "fenced RAM file still holds what the destination lacks.", valueName: "dir"))
+    var stateDir: String?
     @OptionGroup var link: LinkOptions
 
     func run() throws {
@@ -74,6 +79,7 @@ struct Serve: ParsableCommand {
             listen: endpoint, key: [UInt8](data), preloadLibrary: preload, vmDeadlineSeconds: vmDeadline,
             link: try link.spec())
         daemonOptions.hotReportEveryMillis = UInt64(hotReportEvery * 1000)
+        if let stateDir { daemonOptions.stateDirectory = stateDir }
         let daemon = Daemon(options: daemonOptions)
         let listener: Listener
         do { listener = try TCP.listen(on: endpoint) } catch { throw CLIError("listen on \(endpoint): \(error)") }
@@ -191,6 +197,11 @@ struct Migrate: ParsableCommand {
             it holds, and the transfer goes on. The progress line shows the outage; --json reports link_losses, \
             recovered and paused_ms.
 
+            If the source daemon itself dies after the switch (SIGKILL, a crash), restart it: it finds the \
+            migration in its --state-dir and sends the destination the rest from the fenced RAM file, and the \
+            destination daemon waits for it meanwhile. `epcopy migrate NAME --resume` on the restarted daemon \
+            prints the result as this command would have.
+
             What cannot be recovered: the source host itself lost (power, kernel panic) after the switch and \
             before T_release. Its RAM file holds the only copy of the pages not yet moved, so the VM is lost; \
             the exposure window is T_release, which every migration reports (t_release_ms).
@@ -201,6 +212,9 @@ struct Migrate: ParsableCommand {
     @Flag(help: ArgumentHelp("Call off the migration of NAME that its daemon is sending, if it has not switched yet.",
                              discussion: "Ctrl-C on a running `epcopy migrate` does the same."))
     var cancel = false
+    @Flag(help: ArgumentHelp("Wait for the migration of NAME that its daemon took up again after a restart, and print its result.",
+                             discussion: "The other options are those the migration was started with; they are not needed here."))
+    var resume = false
     @Option(help: "enlightened, postcopy or precopy.") var mode = "enlightened"
     @Flag(help: "Verify destination memory against the source at STOP.") var verify = false
     @Flag(help: "Do not ask the guest agent (plain external post-copy).") var noAgent = false
@@ -221,8 +235,9 @@ struct Migrate: ParsableCommand {
         guard (200...600_000).contains(keepaliveTimeoutMs) else {
             throw ValidationError("--keepalive-timeout-ms: 200...600000")
         }
-        if cancel { return }
-        guard let to else { throw ValidationError("--to is required (or --cancel)") }
+        if cancel && resume { throw ValidationError("--cancel and --resume: one or the other") }
+        if cancel || resume { return }
+        guard let to else { throw ValidationError("--to is required (or --cancel, or --resume)") }
         _ = try parseEndpoint(to, option: "--to")
     }
 
@@ -230,6 +245,13 @@ struct Migrate: ParsableCommand {
         if cancel {
             _ = try daemon.request(.cancel(name: name))
             print("cancelled: \(name) keeps running on its source host")
+            return
+        }
+        if resume {
+            guard case .result(let result) = try daemon.request(.resume(name: name), timeoutMillis: 3_600_000) else {
+                throw CLIError("the daemon returned no result")
+            }
+            try show(result)
             return
         }
         let to = self.to!
@@ -268,6 +290,11 @@ struct Migrate: ParsableCommand {
             if showProgress { print("") }
             throw CLIError("\(error)")
         }
+        try show(result)
+    }
+
+    /// Prints a migration's result (the table, or --json); fails when the guest or a page is wrong.
+    private func show(_ result: MigrationResult) throws {
         if output.json {
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.sortedKeys, .prettyPrinted]

@@ -62,6 +62,25 @@ import Testing
         }
     }
 
+    /// `make demo`'s hosts, the enlightened migration only: host A's daemon is SIGKILLed in the middle of the push
+    /// (its QEMU dies with it) and started again. It must find the migration in its state directory, send the
+    /// destination the rest from the fenced RAM file, and `migrate --resume` must print a result with every page
+    /// matching the source at STOP and the guest's verdict OK.
+    @Test func aSourceDaemonKilledMidPushIsRestartedAndFinishesTheMigration() throws {
+        let demo = try Spawned("demo-kill", "/bin/bash", ["\(Self.repository)/scripts/demo"], environment: [
+            "EPCOPY_BIN": productsDirectory.appendingPathComponent("epcopy").path,
+            "RATE": "200mbit", "KILL_DAEMON": "source", "DEMO_MODES": "enlightened",
+        ])
+        let status = demo.wait(seconds: 600)
+        #expect(status == 0, "demo failed: \(demo.stdout)\n\(demo.stderr)")
+        #expect(demo.stdout.contains("killing host A's daemon"), "\(demo.stdout)")
+        #expect(demo.stdout.contains("taking up the migration of demo-enlightened"), "\(demo.stdout)")
+        let row = demo.stdout.split(separator: "\n").first { $0.hasPrefix("enlightened") }.map(String.init) ?? ""
+        let fields = row.split(separator: " ", omittingEmptySubsequences: true)
+        #expect(fields.count >= 8 && fields[6] == "0", "mismatched pages in: \(demo.stdout)")
+        #expect(row.contains("OK (digests)"), "guest verdict in: \(demo.stdout)")
+    }
+
     /// A cancel before the switch (what Ctrl-C on `epcopy migrate` sends): the VM keeps running on the source,
     /// the destination holds nothing, and the migrate command fails with a message that says so.
     @Test func aCancelBeforeTheSwitchLeavesTheVMOnTheSource() throws {

@@ -14,6 +14,9 @@ public enum ControlRequest: Codable, Sendable {
     case migrate(MigrateRequest)
     /// Client → source daemon: call off the migration of VM `name` if it has not switched yet.
     case cancel(name: String)
+    /// Client → source daemon: wait for the migration of VM `name` that this daemon took up again after it
+    /// was restarted past the switch (answered with `result`).
+    case resume(name: String)
     /// Source daemon → destination daemon: prepare to receive (answered with `prepared`).
     case incoming(IncomingRequest)
     /// Source daemon → destination daemon, after the switch: what the source saw (answered with `result`).
@@ -34,6 +37,7 @@ public enum ControlRequest: Codable, Sendable {
         case .vmSerial: "vm.serial"
         case .migrate: "migrate"
         case .cancel: "cancel"
+        case .resume: "resume"
         case .incoming: "incoming"
         case .finish: "finish"
         case .abort: "abort"

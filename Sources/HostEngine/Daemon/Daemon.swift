@@ -22,6 +22,11 @@ public struct DaemonOptions: Sendable {
     /// Each VM's guest agent is asked for a hot report this often in the background, so a migration uses a
     /// recent one instead of waiting for a scan (0: ask only when migrating).
     public var hotReportEveryMillis: UInt64 = 10_000
+    /// Where migrations past their switch are recorded (SessionStore), so a restarted daemon finishes them.
+    public var stateDirectory: String
+
+    /// The default state directory of a daemon: one per instance under /var/lib/epcopy.
+    public static func defaultStateDirectory(instance: String) -> String { "/var/lib/epcopy/\(instance)" }
 
     public init(listen: Endpoint, key: [UInt8], preloadLibrary: String, vmDeadlineSeconds: Double = 3600,
                 instance: String? = nil, link: LinkSpec = .unshaped) {
@@ -29,8 +34,10 @@ public struct DaemonOptions: Sendable {
         self.key = key
         self.preloadLibrary = preloadLibrary
         self.vmDeadlineSeconds = vmDeadlineSeconds
-        self.instance = instance ?? "d\(listen.host.replacingOccurrences(of: ".", with: "-"))-\(listen.port)"
+        let instance = instance ?? "d\(listen.host.replacingOccurrences(of: ".", with: "-"))-\(listen.port)"
+        self.instance = instance
         self.link = link
+        stateDirectory = Self.defaultStateDirectory(instance: instance)
     }
 }
 
@@ -45,6 +52,9 @@ public final class Daemon: @unchecked Sendable {
     /// The migrations this daemon receives (and the last few it received), by session: where a source whose
     /// control connection was lost delivers its finish or abort again (see ControlRejoin).
     let rejoins = Mutex<[UInt64: ControlRejoin]>([:])
+    /// Migrations this daemon took up again after a restart, by VM: what `migrate --resume` waits on.
+    let resumptions = Mutex<[String: ControlRejoin]>([:])
+    var store: SessionStore { SessionStore(directory: options.stateDirectory) }
     /// `epcopy.daemon`, every line tagged with the address this daemon serves.
     let logger: Logger
 
@@ -57,6 +67,7 @@ public final class Daemon: @unchecked Sendable {
 
     /// Accepts connections until `shouldStop` returns true (checked every second).
     public func serve(listener: borrowing Listener, shouldStop: @escaping @Sendable () -> Bool = { false }) {
+        resumeSwitchedMigrations()
         while !shouldStop() {
             guard let fd = try? TCP.accept(listener, timeoutMillis: 1000) else { continue }
             // The descriptor crosses to the connection's thread as a raw number, owned again there.
@@ -152,6 +163,7 @@ public final class Daemon: @unchecked Sendable {
             return .ok
         case .incoming(let incoming): return try self.incoming(incoming, channel: channel)
         case .finish, .abort: throw ControlError.protocolViolation("\(request.name) outside a migration")
+        case .resume(let name): return try awaitResumed(try Self.validName(name))
         case .finishSession(let session, let source): return try rejoined(session, .finish(source))
         case .abortSession(let session): return try rejoined(session, .abort)
         }
@@ -250,10 +262,15 @@ public final class Daemon: @unchecked Sendable {
         do {
             // Progress lines go to the client while the migration runs; the result line ends the request.
             let client = channel
-            outcome = try SourceSide.migrate(source: vm, mode: migration.mode, session: session, destinationURI: uri,
-                                             engineEndpoint: engine, options: migration, cancel: cancel) { progress in
-                try? client.send(ControlReply.progress(progress))
+            let switchRecord = engine.map {
+                SourceSessionRecord(session: session, vmName: name, ramFile: vm.config.ramFile,
+                                    regionPages: vm.config.regionPages, engine: "\($0)", destinationDaemon: "\(to)",
+                                    options: request.options, stopTimestamp: 0, counterBefore: nil)
             }
+            outcome = try SourceSide.migrate(source: vm, mode: migration.mode, session: session, destinationURI: uri,
+                                             engineEndpoint: engine, options: migration, cancel: cancel,
+                                             progress: { progress in try? client.send(ControlReply.progress(progress)) },
+                                             fenced: { [self] stop, counter in switchRecord.map { save(switched: $0, stop, counter) } })
         } catch MigrationError.cancelled {
             peer.abort()
             throw ControlError.remote("the migration of \(name) was cancelled before the switch; it keeps running here")
@@ -266,6 +283,18 @@ public final class Daemon: @unchecked Sendable {
         }
         switched = true
         vms.withLock { _ = $0.removeValue(forKey: name) }
+        // Every page is at the destination: nothing left that a restart would have to finish.
+        store.remove(session: session)
         return .result(try peer.finish(outcome))
+    }
+
+    /// The switch happened: from here a crash of this daemon must not lose the VM, so the migration is on disk.
+    private func save(switched record: SourceSessionRecord, _ stop: Double, _ counter: Int?) {
+        var record = record
+        record.stopTimestamp = stop
+        record.counterBefore = counter
+        do { try store.save(record) } catch {
+            logger.error("could not record the migration of \(record.vmName) in \(options.stateDirectory): \(error); if this daemon dies before the push ends, the migration cannot be resumed")
+        }
     }
 }

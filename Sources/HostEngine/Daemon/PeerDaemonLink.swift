@@ -19,7 +19,8 @@ final class PeerDaemonLink: @unchecked Sendable {
     private let reconnectMillis: Int
     private let logger: Logger
 
-    init(_ channel: ControlChannel, endpoint: Endpoint, key: [UInt8], session: UInt64, reconnectMillis: Int,
+    /// `channel` nil: a daemon restarted after the switch, which has only the new connections.
+    init(_ channel: ControlChannel?, endpoint: Endpoint, key: [UInt8], session: UInt64, reconnectMillis: Int,
          logger: Logger) {
         self.channel = channel
         self.endpoint = endpoint

@@ -50,7 +50,8 @@ public final class SourceSide {
     public static func migrate(source: QEMUProcess, mode: MigrationMode, session: UInt64, destinationURI: String,
                                engineEndpoint: Endpoint?, options: MigrationOptions,
                                cancel: MigrationCancel? = nil,
-                               progress: (@Sendable (MigrationProgress) -> Void)? = nil) throws -> SourceOutcome {
+                               progress: (@Sendable (MigrationProgress) -> Void)? = nil,
+                               fenced: ((_ stopTimestamp: Double, _ counterBefore: Int?) -> Void)? = nil) throws -> SourceOutcome {
         let side = SourceSide(source: source, mode: mode, session: session, options: options)
         try side.prepare(engineEndpoint: engineEndpoint)
         if let cancel, !cancel.beginSwitch() {
@@ -63,6 +64,9 @@ public final class SourceSide {
         }
         defer { reporter?.stop() }
         let stop = try side.switchOver(to: destinationURI)
+        // From here the RAM file is the only copy of what has not moved: whoever must be able to finish the
+        // migration after a crash records it now, before the push gets far.
+        fenced?(stop.timestamp, side.counterBefore)
         let drained = try side.drain()
         return side.release(stop: stop, drained)
     }

@@ -1,0 +1,55 @@
+// The daemon after a restart: every migration it had switched and not finished (SessionStore) is taken up
+// again on a thread of its own — the push from the fenced RAM file to the waiting destination engine
+// (SourceResumption), then the finish to the destination daemon (PeerDaemonLink, on a new connection
+// naming the session). `epcopy migrate NAME --resume` waits here for its result.
+
+import EpcopyProtocol
+import Foundation
+
+extension Daemon {
+    /// Takes up every recorded migration; called once, before the daemon serves anyone.
+    func resumeSwitchedMigrations() {
+        let (records, complaints) = store.sourceRecords()
+        for complaint in complaints { logger.error("\(complaint)") }
+        for record in records {
+            let waiter = ControlRejoin()
+            resumptions.withLock { $0[record.vmName] = waiter }
+            logger.warning("taking up the migration of \(record.vmName) (session \(record.session)) that a previous daemon switched: the destination gets the rest from \(record.ramFile)")
+            let thread = JoinableThread(name: "epcopy-resume") { [self] in
+                waiter.finish(resume(record))
+                store.remove(session: record.session)
+            }
+            _ = thread  // ends on its own; `migrate --resume` waits on `waiter`
+        }
+    }
+
+    private func resume(_ record: SourceSessionRecord) -> Result<MigrationResult, ControlError> {
+        do {
+            let migration = try migrationOptions(record.options)
+            guard let peer = Endpoint(record.destinationDaemon) else {
+                throw ControlError.remote("the record names no destination daemon (\(record.destinationDaemon))")
+            }
+            let outcome = try SourceResumption.run(record, options: migration)
+            let link = PeerDaemonLink(nil, endpoint: peer, key: options.key, session: record.session,
+                                      reconnectMillis: Int(migration.reconnectTimeoutMillis), logger: logger)
+            let result = try link.finish(outcome)
+            let downtime = String(format: "%.1f", result.downtimeMillis)
+            logger.info("resumed migration of \(record.vmName) finished: downtime \(downtime) ms, \(result.mismatchedPages) mismatched pages, guest \(result.guestVerdict)")
+            return .success(result)
+        } catch {
+            logger.error("resumed migration of \(record.vmName) failed: \(error)")
+            return .failure(error as? ControlError ?? .remote("resumed migration of \(record.vmName): \(error)"))
+        }
+    }
+
+    /// `migrate NAME --resume`: the result of a migration this daemon took up after a restart.
+    func awaitResumed(_ name: String) throws -> ControlReply {
+        guard let waiter = resumptions.withLock({ $0[name] }) else {
+            throw ControlError.remote("no migration of \(name) was taken up here after a restart")
+        }
+        guard let answer = waiter.waitForAnswer(millis: 3_600_000) else {
+            throw ControlError.remote("the resumed migration of \(name) did not end within an hour")
+        }
+        return .result(try answer.get())
+    }
+}

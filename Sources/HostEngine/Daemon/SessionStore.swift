@@ -1,0 +1,113 @@
+// SessionStore: the migrations a daemon must be able to finish after it was killed, on disk. One JSON file per
+// session under the daemon's state directory, written atomically (a temporary file, fsync, rename, fsync of
+// the directory), so a restarted daemon finds either the whole record or the previous one, never half. The
+// source writes its record at the switch (from STOP its RAM file is the only copy of what has not moved) and
+// removes it once the destination has every page; a restarted source daemon takes up every record it finds.
+// Records are untrusted input like any other: a file that does not decode is set aside, not acted on.
+
+import EpcopyProtocol
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What a restarted source daemon needs to finish a migration it had switched.
+public struct SourceSessionRecord: Codable, Sendable, Equatable {
+    public var session: UInt64
+    public var vmName: String
+    /// The fenced RAM file (final since STOP).
+    public var ramFile: String
+    public var regionPages: UInt64
+    /// The destination engine (host:port) and daemon (host:port).
+    public var engine: String
+    public var destinationDaemon: String
+    public var options: MigrationRequestOptions
+    /// QMP's STOP timestamp (wall clock, seconds: it survives a restart, unlike the monotonic clock, so a
+    /// resumed migration's T_release counts from STOP) and the guest's counter before the switch.
+    public var stopTimestamp: Double
+    public var counterBefore: Int?
+
+    public init(session: UInt64, vmName: String, ramFile: String, regionPages: UInt64, engine: String,
+                destinationDaemon: String, options: MigrationRequestOptions, stopTimestamp: Double, counterBefore: Int?) {
+        self.session = session
+        self.vmName = vmName
+        self.ramFile = ramFile
+        self.regionPages = regionPages
+        self.engine = engine
+        self.destinationDaemon = destinationDaemon
+        self.options = options
+        self.stopTimestamp = stopTimestamp
+        self.counterBefore = counterBefore
+    }
+}
+
+public struct SessionStore: Sendable {
+    public let directory: String
+
+    public init(directory: String) { self.directory = directory }
+
+    private func path(_ session: UInt64) -> String { "\(directory)/source-\(session).json" }
+
+    /// Writes `record` so that a crash at any point leaves the old file or the new one.
+    public func save(_ record: SourceSessionRecord) throws {
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true,
+                                                attributes: [.posixPermissions: 0o700])
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        let data = try encoder.encode(record)
+        let final = path(record.session)
+        let temporary = final + ".tmp"
+        let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw SyscallError(call: "open(\(temporary))", errno: errno) }
+        var failure: SyscallError?
+        data.withUnsafeBytes { raw in
+            var offset = 0
+            while offset < raw.count {
+                let n = write(fd, raw.baseAddress! + offset, raw.count - offset)
+                if n < 0, errno == EINTR { continue }
+                if n <= 0 { failure = SyscallError(call: "write(\(temporary))", errno: errno); return }
+                offset += n
+            }
+        }
+        if failure == nil, fsync(fd) != 0 { failure = SyscallError(call: "fsync(\(temporary))", errno: errno) }
+        close(fd)
+        if let failure {
+            unlink(temporary)
+            throw failure
+        }
+        guard rename(temporary, final) == 0 else {
+            let error = SyscallError(call: "rename(\(temporary))", errno: errno)
+            unlink(temporary)
+            throw error
+        }
+        let dir = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        if dir >= 0 {
+            _ = fsync(dir)
+            close(dir)
+        }
+    }
+
+    public func remove(session: UInt64) {
+        unlink(path(session))
+    }
+
+    /// Every record in the directory. Files that do not decode are renamed `*.bad` and reported, never used.
+    public func sourceRecords() -> (records: [SourceSessionRecord], complaints: [String]) {
+        guard let names = try? FileManager.default.contentsOfDirectory(atPath: directory) else { return ([], []) }
+        var records: [SourceSessionRecord] = []
+        var complaints: [String] = []
+        for name in names.sorted() where name.hasPrefix("source-") && name.hasSuffix(".json") {
+            let file = "\(directory)/\(name)"
+            guard let data = FileManager.default.contents(atPath: file), data.count <= 1 << 20,
+                  let record = try? JSONDecoder().decode(SourceSessionRecord.self, from: data),
+                  name == "source-\(record.session).json"
+            else {
+                complaints.append("\(file) is not a session record; set aside as \(name).bad")
+                rename(file, file + ".bad")
+                continue
+            }
+            records.append(record)
+        }
+        return (records, complaints)
+    }
+}

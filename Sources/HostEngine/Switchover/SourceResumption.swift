@@ -1,0 +1,53 @@
+// The source half of a migration taken up again after the daemon that ran it was killed past the switch.
+// Its QEMU died with it, but the fenced RAM file (final since STOP) is still here, and the destination
+// engine waits for a source with the same session. A new engine over that file connects, hears from the
+// destination exactly which pages it holds (resume), and sends the rest; pages punched out of the file
+// before the crash are ones the destination had acknowledged, so they are in what it holds and are never
+// sent as zeros. Then the file goes and the outcome is built as SourceSide.release builds it, from what
+// the record kept (STOP's timestamp, the guest's counter) and what this engine saw.
+
+import EpcopyProtocol
+import Foundation
+
+public enum SourceResumption {
+    /// Moves what the destination lacks from `record.ramFile`; returns when this host holds none of the VM.
+    public static func run(_ record: SourceSessionRecord, options: MigrationOptions) throws -> SourceOutcome {
+        guard FileManager.default.fileExists(atPath: record.ramFile) else {
+            throw MigrationError.failed("the fenced RAM file \(record.ramFile) is gone: the pages the destination "
+                + "still lacked are lost with it")
+        }
+        guard let endpoint = Endpoint(record.engine) else {
+            throw MigrationError.failed("the record names no destination engine (\(record.engine))")
+        }
+        var sourceOptions = SourceOptions(sessionID: record.session, vmName: record.vmName, link: options.link,
+                                          classes: [], releaseMemory: !options.verify, authKey: options.authKey)
+        sourceOptions.reconnectTimeoutMillis = options.reconnectTimeoutMillis
+        sourceOptions.keepalive = options.keepalive
+        let engine: SourceEngine
+        do { engine = try SourceEngine(ramFile: record.ramFile, options: sourceOptions) } catch {
+            throw MigrationError.step("source engine over \(record.ramFile)", error)
+        }
+        guard engine.regionPages == record.regionPages else {
+            throw MigrationError.failed("\(record.ramFile) holds \(engine.regionPages) pages, the record says "
+                + "\(record.regionPages): not this migration's file")
+        }
+        // QEMU's device stream ended long ago: nothing to hold the bulk push for.
+        engine.releaseBulk()
+        let report: SourceReport
+        do { report = try engine.run(destination: endpoint) } catch {
+            throw MigrationError.step("RAM transfer (resumed source)", error)
+        }
+        let digests = options.verify ? try? PageDigests.ofFile(record.ramFile) : nil
+        unlink(record.ramFile)
+        var outcome = SourceOutcome(stopTimestamp: record.stopTimestamp,
+                                    tReleaseMillis: (Date().timeIntervalSince1970 - record.stopTimestamp) * 1000,
+                                    bytesWire: report.bytesWire, counterBefore: record.counterBefore,
+                                    sourceDigests: digests)
+        outcome.pagesSkippedFree = report.pagesFree
+        // The crash itself was a loss of the link, recovered here.
+        outcome.linkLosses = report.reconnects + 1
+        outcome.pausedMillis = report.pausedMillis
+        outcome.agentNotes = ["source: the daemon was restarted after the switch and resumed the push"]
+        return outcome
+    }
+}
