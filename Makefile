@@ -22,7 +22,7 @@ test: deps guest images
 
 # One tier at a time (see Tests/Support/Tiers.swift): unit = pure Swift, seconds, no root; linux = real uffd,
 # io_uring, sockets, processes and namespaces; qemu = real TCG guests (needs the built guest images).
-PYTHON_TESTS = python3 -m unittest Workloads/bench/test_report.py Workloads/loadgen/test_sysbench_load.py \
+PYTHON_TESTS = python3 -m unittest Workloads/bench/test_report.py Workloads/bench/test_faults.py Workloads/loadgen/test_sysbench_load.py \
 	Workloads/loadgen/test_neighbour.py
 test-unit: deps
 	$(SWIFT) build --build-tests
@@ -49,6 +49,14 @@ clean:
 guest: agent
 	@EPCOPY_AGENT=$(CURDIR)/$(AGENT_BIN) Workloads/guest/build.sh
 .PHONY: guest
+
+# The failure bench: real migrations with link cuts and daemon kills injected after the switch (FAULT_ARGS, e.g.
+# "--cuts 100 --kills 40 --json"; see `epcopy bench faults --help`).
+FAULT_ARGS ?= --cuts 4 --kills 2
+bench-faults: deps guest
+	$(SWIFT) build -c release
+	.build/release/epcopy bench faults $(FAULT_ARGS)
+.PHONY: bench-faults
 
 # The main job: two namespaced hosts, one daemon each, the test guest migrated once in each mode.
 demo: deps guest

@@ -8,7 +8,7 @@ import Foundation
 struct Bench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Run a benchmark and print what it measured.",
-        subcommands: [BenchCodec.self, BenchEngine.self, BenchMigrate.self]
+        subcommands: [BenchCodec.self, BenchEngine.self, BenchMigrate.self, BenchFaults.self]
     )
 }
 

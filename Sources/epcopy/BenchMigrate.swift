@@ -64,8 +64,8 @@ struct BenchMigrate: ParsableCommand {
         return Int(t)
     }
 
-    /// Workloads/bench/bench.py of the source tree this binary was built from (EPCOPY_REPO overrides).
-    static func harness() throws -> String {
+    /// Workloads/bench/`name` of the source tree this binary was built from (EPCOPY_REPO overrides).
+    static func harness(named name: String = "bench.py") throws -> String {
         var candidates: [URL] = []
         if let repo = ProcessInfo.processInfo.environment["EPCOPY_REPO"] { candidates.append(URL(fileURLWithPath: repo)) }
         var dir = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().deletingLastPathComponent()
@@ -74,9 +74,9 @@ struct BenchMigrate: ParsableCommand {
             dir = dir.deletingLastPathComponent()
         }
         for base in candidates {
-            let script = base.appendingPathComponent("Workloads/bench/bench.py").path
+            let script = base.appendingPathComponent("Workloads/bench/\(name)").path
             if FileManager.default.fileExists(atPath: script) { return script }
         }
-        throw ValidationError("bench migrate needs the epcopy source tree (Workloads/bench/bench.py); set EPCOPY_REPO")
+        throw ValidationError("this bench needs the epcopy source tree (Workloads/bench/\(name)); set EPCOPY_REPO")
     }
 }
