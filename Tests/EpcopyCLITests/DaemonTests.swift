@@ -65,15 +65,18 @@ import Testing
     /// `make demo`'s hosts, the enlightened migration only: host A's daemon is SIGKILLed in the middle of the push
     /// (its QEMU dies with it) and started again. It must find the migration in its state directory, send the
     /// destination the rest from the fenced RAM file, and `migrate --resume` must print a result with every page
-    /// matching the source at STOP and the guest's verdict OK.
-    @Test func aSourceDaemonKilledMidPushIsRestartedAndFinishesTheMigration() throws {
-        let demo = try Spawned("demo-kill", "/bin/bash", ["\(Self.repository)/scripts/demo"], environment: [
-            "EPCOPY_BIN": productsDirectory.appendingPathComponent("epcopy").path,
-            "RATE": "200mbit", "KILL_DAEMON": "source", "DEMO_MODES": "enlightened",
-        ])
+    /// matching the source at STOP and the guest's verdict OK. With `outage`, the daemon dies while host A's veth is
+    /// down for that many seconds (a double failure): its successor must wait for the link.
+    @Test(arguments: ["", "3"])
+    func aSourceDaemonKilledMidPushIsRestartedAndFinishesTheMigration(outage: String) throws {
+        var environment = ["EPCOPY_BIN": productsDirectory.appendingPathComponent("epcopy").path,
+                           "RATE": "200mbit", "KILL_DAEMON": "source", "DEMO_MODES": "enlightened"]
+        if !outage.isEmpty { environment["CUT_LINK"] = outage }
+        let demo = try Spawned("demo-kill", "/bin/bash", ["\(Self.repository)/scripts/demo"], environment: environment)
         let status = demo.wait(seconds: 600)
         #expect(status == 0, "demo failed: \(demo.stdout)\n\(demo.stderr)")
-        #expect(demo.stdout.contains("killing host A's daemon"), "\(demo.stdout)")
+        #expect(demo.stdout.contains(outage.isEmpty ? "killing host A's daemon" : "killing host A's daemon during the outage"),
+                "\(demo.stdout)")
         #expect(demo.stdout.contains("taking up the migration of demo-enlightened"), "\(demo.stdout)")
         let row = demo.stdout.split(separator: "\n").first { $0.hasPrefix("enlightened") }.map(String.init) ?? ""
         let fields = row.split(separator: " ", omittingEmptySubsequences: true)

@@ -3,11 +3,12 @@
 
 Every run is `make demo`'s two hosts (network namespaces, one epcopy daemon each) migrating a freshly
 booted 512 MiB test guest in one mode, with one failure injected after the switch at a random point of
-the push (CUT_AT_MIB: how much has landed at the destination, 0 = during the device state and the
+the push (CUT_AT_MIB: how much has landed at the destination, 0 = the first page, right after STOP, during the device state and the
 agent's free scan):
   blackhole  host A's veth down for a random 0.2-10 s (packets dropped, nobody told)
   reset      every connection between the hosts reset (ss -K: RST to both ends)
   kill       host A's daemon SIGKILLed (its QEMU dies with it), then started again
+  kill+blackhole  a third of the kills: the daemon dies while the veth is down (a double failure)
 Each run's result is the migration's own: every page the destination placed against the source at STOP
 (--verify) and the guest's verdict. Before the faulted runs, --baseline runs without a failure give the
 T_release that extra_ms is measured against (same invocation, same machine).
@@ -80,8 +81,11 @@ def plan(cuts, kills, rng, max_mib):
             runs.append({"kind": "blackhole", "seconds": round(rng.uniform(0.2, 10.0), 1)})
         else:
             runs.append({"kind": "reset"})
-    for _ in range(kills):
-        runs.append({"kind": "kill"})
+    for i in range(kills):
+        if i % 3 == 2:
+            runs.append({"kind": "kill+blackhole", "seconds": round(rng.uniform(0.2, 10.0), 1)})
+        else:
+            runs.append({"kind": "kill"})
     for run in runs:
         run["at_mib"] = rng.randint(0, max_mib)
     rng.shuffle(runs)
@@ -94,8 +98,11 @@ def env_for(run):
         env["CUT_LINK"] = str(run["seconds"])
     elif run["kind"] == "reset":
         env["CUT_LINK"] = "reset"
+    elif run["kind"] == "kill":
+        env["KILL_DAEMON"] = "source"
     else:
         env["KILL_DAEMON"] = "source"
+        env["CUT_LINK"] = str(run["seconds"])
     return env
 
 
@@ -129,7 +136,7 @@ def campaign(args, mode, runs, log):
             if reference is not None and result.get("t_release_ms") is not None:
                 entry["extra_ms"] = round(result["t_release_ms"] - reference, 1)
         per_run.append(entry)
-        what = run["kind"] + (f" {run['seconds']} s" if run["kind"] == "blackhole" else "")
+        what = run["kind"] + (f" {run['seconds']} s" if "seconds" in run else "")
         log(f"{mode} run {i + 1}/{len(runs)}: {what} at {run['at_mib']} MiB -> "
             + ("recovered" if entry["recovered"] else f"NOT recovered ({entry.get('why') or entry.get('guest_verdict')})")
             + (f", extra {entry['extra_ms']:.0f} ms" if "extra_ms" in entry else ""))
@@ -137,8 +144,8 @@ def campaign(args, mode, runs, log):
     return {
         "mode": mode,
         "runs": len(per_run),
-        "cuts": sum(1 for r in per_run if r["kind"] != "kill"),
-        "kills": sum(1 for r in per_run if r["kind"] == "kill"),
+        "cuts": sum(1 for r in per_run if r["kind"] in ("blackhole", "reset")),
+        "kills": sum(1 for r in per_run if r["kind"].startswith("kill")),
         "recovered": sum(1 for r in per_run if r["recovered"]),
         "vm_lost": sum(1 for r in per_run if not r["result"]),
         "mismatched_pages": sum(r.get("mismatched_pages", 0) for r in per_run),

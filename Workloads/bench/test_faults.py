@@ -12,11 +12,12 @@ class PlanTests(unittest.TestCase):
     def test_counts_kinds_and_ranges(self):
         runs = faults.plan(30, 12, random.Random(7), 160)
         self.assertEqual(len(runs), 42)
-        self.assertEqual(sum(1 for r in runs if r["kind"] == "kill"), 12)
+        self.assertEqual(sum(1 for r in runs if r["kind"] == "kill"), 8)
+        self.assertEqual(sum(1 for r in runs if r["kind"] == "kill+blackhole"), 4)
         self.assertEqual(sum(1 for r in runs if r["kind"] in ("blackhole", "reset")), 30)
         for r in runs:
             self.assertTrue(0 <= r["at_mib"] <= 160)
-            if r["kind"] == "blackhole":
+            if r["kind"] in ("blackhole", "kill+blackhole"):
                 self.assertTrue(0.2 <= r["seconds"] <= 10.0)
 
     def test_a_seed_gives_the_same_plan(self):
@@ -27,6 +28,8 @@ class PlanTests(unittest.TestCase):
                          {"CUT_AT_MIB": "9", "CUT_LINK": "2.5"})
         self.assertEqual(faults.env_for({"kind": "reset", "at_mib": 0}), {"CUT_AT_MIB": "0", "CUT_LINK": "reset"})
         self.assertEqual(faults.env_for({"kind": "kill", "at_mib": 3}), {"CUT_AT_MIB": "3", "KILL_DAEMON": "source"})
+        self.assertEqual(faults.env_for({"kind": "kill+blackhole", "seconds": 4.0, "at_mib": 3}),
+                         {"CUT_AT_MIB": "3", "KILL_DAEMON": "source", "CUT_LINK": "4.0"})
 
     def test_percentile(self):
         self.assertIsNone(faults.percentile([], 0.5))

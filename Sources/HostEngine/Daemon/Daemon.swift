@@ -121,12 +121,16 @@ public final class Daemon: @unchecked Sendable {
                 try? channel.send(ControlReply.error(text))
                 return
             } catch { return }
-            do {
-                let reply = try dispatch(request, channel: channel)
-                try channel.send(reply)
-            } catch {
+            let reply: ControlReply
+            do { reply = try dispatch(request, channel: channel) } catch {
                 logger.error("request \(request.name) failed: \(error)")
                 try? channel.send(ControlReply.error("\(error)"))
+                continue
+            }
+            do { try channel.send(reply) } catch {
+                // The work is done (a rejoined source may have had the answer on its new connection already).
+                logger.warning("could not answer \(request.name) on its connection: \(error)")
+                return
             }
         }
     }

@@ -23,6 +23,12 @@ public enum SourceResumption {
                                           classes: [], releaseMemory: !options.verify, authKey: options.authKey)
         sourceOptions.reconnectTimeoutMillis = options.reconnectTimeoutMillis
         sourceOptions.keepalive = options.keepalive
+        // The push order died with the old daemon, so every page is unclassified, and unclassified pages are held
+        // like believed-free ones until the destination's free scan is over (the destination says so at the start
+        // of every session once it is): a crash during the scan must not send the hundreds of MiB it is about to
+        // report free. Faults are answered meanwhile.
+        sourceOptions.holdFreeUntilScan = true
+        sourceOptions.freeHoldMillis = options.freeScanTimeoutMillis + 5000
         let engine: SourceEngine
         do { engine = try SourceEngine(ramFile: record.ramFile, options: sourceOptions) } catch {
             throw MigrationError.step("source engine over \(record.ramFile)", error)
@@ -37,10 +43,13 @@ public enum SourceResumption {
         do { report = try engine.run(destination: endpoint) } catch {
             throw MigrationError.step("RAM transfer (resumed source)", error)
         }
+        // As in SourceSide.release: with `verify` the digests are the test's cost, not the migration's, so
+        // T_release is when the engine ended.
+        let released = Date().timeIntervalSince1970
         let digests = options.verify ? try? PageDigests.ofFile(record.ramFile) : nil
         unlink(record.ramFile)
         var outcome = SourceOutcome(stopTimestamp: record.stopTimestamp,
-                                    tReleaseMillis: (Date().timeIntervalSince1970 - record.stopTimestamp) * 1000,
+                                    tReleaseMillis: (released - record.stopTimestamp) * 1000,
                                     bytesWire: report.bytesWire, counterBefore: record.counterBefore,
                                     sourceDigests: digests)
         outcome.pagesSkippedFree = report.pagesFree
