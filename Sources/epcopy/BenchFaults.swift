@@ -26,25 +26,24 @@ struct BenchFaults: ParsableCommand {
     @Option(help: "Runs without a failure, for extra_ms.") var baseline = 2
     @Option(help: "Link rate (tc tbf).") var rate = "200mbit"
     @Flag(help: "Also run the same failures against QEMU's own postcopy.") var qemuPostcopy = false
+    @Option(help: ArgumentHelp("Seconds after which a run counts as hung (its VM lost).",
+                               discussion: "QEMU's postcopy pauses on a lost link until migrate-recover is issued by hand; epcopy's runs end by themselves."))
+    var runTimeout = 300
     @OptionGroup var output: OutputOptions
 
     func validate() throws {
         guard cuts >= 0, kills >= 0, cuts + kills > 0 else { throw ValidationError("--cuts and --kills: at least one run") }
         guard (0...20).contains(baseline) else { throw ValidationError("--baseline: 0...20") }
+        guard (30...3600).contains(runTimeout) else { throw ValidationError("--run-timeout: 30...3600 seconds") }
     }
 
     func run() throws {
         let script = try BenchMigrate.harness(named: "faults.py")
         var args = [script, "--cuts", String(cuts), "--kills", String(kills), "--baseline", String(baseline),
-                    "--rate", rate, "--epcopy", URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path]
+                    "--rate", rate, "--run-timeout", String(runTimeout), "--epcopy", URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path]
         if let seed { args += ["--seed", String(seed)] }
         if qemuPostcopy { args.append("--qemu-postcopy") }
         if output.json { args.append("--json") }
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
-        process.arguments = args
-        try process.run()
-        process.waitUntilExit()
-        if process.terminationStatus != 0 { throw ExitCode(process.terminationStatus) }
+        try BenchMigrate.runHarness(args)
     }
 }

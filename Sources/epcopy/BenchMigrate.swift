@@ -49,9 +49,14 @@ struct BenchMigrate: ParsableCommand {
         if dirtyFreeMb > 0 { args += ["--dirty-free-mb", String(dirtyFreeMb)] }
         if verify { args.append("--verify") }
         if output.json { args.append("--json") }
+        try Self.runHarness(args)
+    }
+
+    /// Runs a harness script (and its arguments) with python3; its exit status is this command's.
+    static func runHarness(_ arguments: [String]) throws {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
-        process.arguments = args
+        process.arguments = arguments
         try process.run()
         process.waitUntilExit()
         if process.terminationStatus != 0 { throw ExitCode(process.terminationStatus) }
