@@ -54,6 +54,8 @@ public final class Daemon: @unchecked Sendable {
     let rejoins = Mutex<[UInt64: ControlRejoin]>([:])
     /// Migrations this daemon took up again after a restart, by VM: what `migrate --resume` waits on.
     let resumptions = Mutex<[String: ControlRejoin]>([:])
+    /// Migrations being received here and not finished yet, by session: torn down with the daemon.
+    let incomingSides = Mutex<[UInt64: DestinationSide]>([:])
     var store: SessionStore { SessionStore(directory: options.stateDirectory) }
     /// `epcopy.daemon`, every line tagged with the address this daemon serves.
     let logger: Logger
@@ -85,6 +87,8 @@ public final class Daemon: @unchecked Sendable {
             return Array(v.values)
         }
         for keeper in keepers.withLock({ k in defer { k.removeAll() }; return Array(k.values) }) { _ = keeper.stop() }
+        // A migration still arriving has its QEMU and RAM file here too; they go with the daemon like its VMs.
+        for side in incomingSides.withLock({ i in defer { i.removeAll() }; return Array(i.values) }) { side.abandon() }
         for vm in all { vm.kill(); vm.teardown() }
     }
 

@@ -18,6 +18,8 @@ extension Daemon {
         let destination = try DestinationSide(spec: spec, name: "\(options.instance)-\(name)", mode: migration.mode,
                                               session: request.session, bindHost: options.listen.host,
                                               options: migration)
+        incomingSides.withLock { $0[request.session] = destination }
+        defer { _ = incomingSides.withLock { $0.removeValue(forKey: request.session) } }
         let rejoin = ControlRejoin()
         remember(rejoin, session: request.session)
         do {
