@@ -118,3 +118,19 @@ public struct VMSpec: Codable, Sendable, Equatable {
         return config
     }
 }
+
+extension MigrationOptions {
+    /// The source engine's options for this migration: what both a source side and a source taken up again
+    /// after a restart run with. Free pages are held `freeHoldMillis` at most: the destination always says when
+    /// its scan is over (answered or not, at most freeScanTimeout after RESUME); the source's own deadline is
+    /// only for a destination that never says anything, and a RESUME that takes seconds (a starved destination)
+    /// must not run it out.
+    func sourceEngineOptions(session: UInt64, vmName: String, classes: [(PushClass, PageSet<PageIndex>)]) -> SourceOptions {
+        var engine = SourceOptions(sessionID: session, vmName: vmName, link: link, classes: classes,
+                                   releaseMemory: !verify, authKey: authKey)
+        engine.reconnectTimeoutMillis = reconnectTimeoutMillis
+        engine.keepalive = keepalive
+        engine.freeHoldMillis = freeScanTimeoutMillis + 5000
+        return engine
+    }
+}

@@ -19,16 +19,12 @@ public enum SourceResumption {
         guard let endpoint = Endpoint(record.engine) else {
             throw MigrationError.failed("the record names no destination engine (\(record.engine))")
         }
-        var sourceOptions = SourceOptions(sessionID: record.session, vmName: record.vmName, link: options.link,
-                                          classes: [], releaseMemory: !options.verify, authKey: options.authKey)
-        sourceOptions.reconnectTimeoutMillis = options.reconnectTimeoutMillis
-        sourceOptions.keepalive = options.keepalive
+        var sourceOptions = options.sourceEngineOptions(session: record.session, vmName: record.vmName, classes: [])
         // The push order died with the old daemon, so every page is unclassified, and unclassified pages are held
         // like believed-free ones until the destination's free scan is over (the destination says so at the start
         // of every session once it is): a crash during the scan must not send the hundreds of MiB it is about to
         // report free. Faults are answered meanwhile.
         sourceOptions.holdFreeUntilScan = true
-        sourceOptions.freeHoldMillis = options.freeScanTimeoutMillis + 5000
         let engine: SourceEngine
         do { engine = try SourceEngine(ramFile: record.ramFile, options: sourceOptions) } catch {
             throw MigrationError.step("source engine over \(record.ramFile)", error)
@@ -37,8 +33,7 @@ public enum SourceResumption {
             throw MigrationError.failed("\(record.ramFile) holds \(engine.regionPages) pages, the record says "
                 + "\(record.regionPages): not this migration's file")
         }
-        // QEMU's device stream ended long ago: nothing to hold the bulk push for.
-        engine.releaseBulk()
+        // QEMU's device stream ended long ago: nothing holds the bulk push (holdBulkUntilReleased stays off).
         let report: SourceReport
         do { report = try engine.run(destination: endpoint) } catch {
             throw MigrationError.step("RAM transfer (resumed source)", error)

@@ -85,17 +85,9 @@ public final class SourceSide {
                                            options: options)
             classes += agent.classes
         }
-        var sourceOptions = SourceOptions(
-            sessionID: session, vmName: source.config.name, link: options.link, classes: classes,
-            releaseMemory: !options.verify, authKey: options.authKey)
+        var sourceOptions = options.sourceEngineOptions(session: session, vmName: source.config.name, classes: classes)
         sourceOptions.holdBulkUntilReleased = true
-        sourceOptions.reconnectTimeoutMillis = options.reconnectTimeoutMillis
-        sourceOptions.keepalive = options.keepalive
         sourceOptions.holdFreeUntilScan = classes.contains { $0.0 == .believedFree && !$0.1.isEmpty }
-        // The destination always says when its scan is over (answered or not, at most freeScanTimeout after
-        // RESUME); the source's own deadline is only for a destination that never says anything. A RESUME
-        // that takes seconds (a starved destination) must not run it out.
-        sourceOptions.freeHoldMillis = options.freeScanTimeoutMillis + 5000
         let engine: SourceEngine
         do { engine = try SourceEngine(ramFile: source.config.ramFile, options: sourceOptions) } catch {
             throw MigrationError.step("source engine", error)
