@@ -34,7 +34,7 @@ import Testing
         // No temporary file is left behind by a save that completed.
         let names = try FileManager.default.contentsOfDirectory(atPath: store.directory)
         #expect(!names.contains { $0.hasSuffix(".tmp") }, "\(names)")
-        store.remove(session: 42)
+        store.remove(SourceSessionRecord.self, session: 42)
         #expect(store.sourceRecords().records == [record(43)])
     }
 

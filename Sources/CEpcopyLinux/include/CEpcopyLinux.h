@@ -46,6 +46,9 @@
 #ifndef SYS_pidfd_getfd
 #define SYS_pidfd_getfd 438
 #endif
+#ifndef SYS_pidfd_send_signal
+#define SYS_pidfd_send_signal 424
+#endif
 #ifndef MFD_CLOEXEC
 #define MFD_CLOEXEC 0x0001U
 #endif
@@ -127,6 +130,11 @@ static inline int epc_pidfd_open(int pid, unsigned int flags) {
 
 static inline int epc_pidfd_getfd(int pidfd, int targetfd, unsigned int flags) {
     return (int)epc_neg_errno(syscall(SYS_pidfd_getfd, pidfd, targetfd, flags));
+}
+
+/* Signals the process a pidfd refers to (never a reused PID). */
+static inline int epc_pidfd_send_signal(int pidfd, int sig) {
+    return (int)epc_neg_errno(syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, 0));
 }
 
 /* ---- userfaultfd ioctls with their argument structs filled in C ---- */

@@ -88,7 +88,14 @@ public final class Daemon: @unchecked Sendable {
         }
         for keeper in keepers.withLock({ k in defer { k.removeAll() }; return Array(k.values) }) { _ = keeper.stop() }
         // A migration still arriving has its QEMU and RAM file here too; they go with the daemon like its VMs.
-        for side in incomingSides.withLock({ i in defer { i.removeAll() }; return Array(i.values) }) { side.abandon() }
+        let arriving: [UInt64: DestinationSide] = incomingSides.withLock { i in
+            defer { i.removeAll() }
+            return i
+        }
+        for (session, side) in arriving {
+            side.abandon()
+            store.remove(DestinationSessionRecord.self, session: session)
+        }
         for vm in all { vm.kill(); vm.teardown() }
     }
 
@@ -292,7 +299,7 @@ public final class Daemon: @unchecked Sendable {
         switched = true
         vms.withLock { _ = $0.removeValue(forKey: name) }
         // Every page is at the destination: nothing left that a restart would have to finish.
-        store.remove(session: session)
+        store.remove(SourceSessionRecord.self, session: session)
         return .result(try peer.finish(outcome))
     }
 

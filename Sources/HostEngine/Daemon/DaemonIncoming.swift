@@ -4,6 +4,10 @@
 // control connection never costs the VM: before the switch the destination waits for the source to come
 // back or give up (the VM keeps running on the source meanwhile); once the guest runs here it stays here,
 // and if the source never comes back the migration finishes here without the source's report.
+// In enlightened mode the destination's QEMU outlives this daemon and the migration is on record
+// (SessionStore) from the moment it is prepared: a restarted daemon adopts the QEMU and its userfaultfd,
+// serves the source's engine again on the same port and waits for the source's last word as if the control
+// connection had only been lost (`adoptIncomingMigrations`).
 
 import EpcopyProtocol
 import Foundation
@@ -15,11 +19,17 @@ extension Daemon {
         let name = try Self.validName(spec.name)
         let migration = try migrationOptions(request.options)
         guard vms.withLock({ $0[name] == nil }) else { throw ControlError.remote("a VM named \(name) already runs here") }
-        let destination = try DestinationSide(spec: spec, name: "\(options.instance)-\(name)", mode: migration.mode,
+        let qemuName = "\(options.instance)-\(name)"
+        let survival = DestinationSide.Survival(digestsFile: "/dev/shm/epcopy-\(qemuName).digests") { [self] succession in
+            record(DestinationSessionRecord(vmName: name, options: request.options, succession: succession))
+        }
+        let destination = try DestinationSide(spec: spec, name: qemuName, mode: migration.mode,
                                               session: request.session, bindHost: options.listen.host,
-                                              options: migration)
-        incomingSides.withLock { $0[request.session] = destination }
-        defer { _ = incomingSides.withLock { $0.removeValue(forKey: request.session) } }
+                                              options: migration, deadlineSeconds: options.vmDeadlineSeconds,
+                                              survival: survival)
+        if let succession = destination.currentSuccession {
+            record(DestinationSessionRecord(vmName: name, options: request.options, succession: succession))
+        }
         let rejoin = ControlRejoin()
         remember(rejoin, session: request.session)
         do {
@@ -28,11 +38,59 @@ extension Daemon {
                                                    enginePort: destination.engineEndpoint?.port))
         } catch {
             destination.abandon()
+            forget(request.session, destination)
             rejoin.finish(.failure(.remote("the destination could not answer the source: \(error)")))
             throw error
         }
+        return try receive(destination, name: name, session: request.session, migration: migration,
+                           channel: channel, rejoin: rejoin)
+    }
+
+    /// Carries on every migration a previous daemon was receiving when it died (its QEMU outlived it); called once,
+    /// before the daemon serves anyone. Returns the files those migrations still need.
+    func adoptIncomingMigrations() -> Set<String> {
+        let (records, complaints) = store.destinationRecords()
+        for complaint in complaints { logger.error("\(complaint)") }
+        var needed = Set<String>()
+        for record in records {
+            let config = record.succession.spec.config(name: record.succession.qemuName)
+            needed.insert(config.ramFile)
+            if let digests = record.succession.digestsFile { needed.insert(digests) }
+            // Registered before anyone is served: the source's finish may be the first request to arrive.
+            let rejoin = ControlRejoin()
+            remember(rejoin, session: record.session)
+            logger.warning("adopting the migration of \(record.vmName) (session \(record.session)) that a previous daemon was receiving: QEMU pid \(record.succession.qemuPid)")
+            let thread = JoinableThread(name: "epcopy-adopt") { [self] in adopt(record, rejoin: rejoin) }
+            _ = thread  // ends on its own
+        }
+        return needed
+    }
+
+    private func adopt(_ record: DestinationSessionRecord, rejoin: ControlRejoin) {
+        let name = record.vmName
+        do {
+            let migration = try migrationOptions(record.options)
+            let destination = try DestinationSide(adopting: record.succession, options: migration) { [self] succession in
+                self.record(DestinationSessionRecord(vmName: name, options: record.options, succession: succession))
+            }
+            logger.info("adopted \(name): QEMU \(destination.qemu.pid) and its userfaultfd; serving the source's engine on \(destination.engineEndpoint.map { "\($0)" } ?? "?") again")
+            _ = try receive(destination, name: name, session: record.session, migration: migration, channel: nil,
+                            rejoin: rejoin)
+        } catch {
+            logger.error("could not carry on receiving \(name) (session \(record.session)): \(error)")
+            rejoin.finish(.failure(.remote("the destination daemon restarted and could not carry on: \(error)")))
+            store.remove(DestinationSessionRecord.self, session: record.session)
+        }
+    }
+
+    /// From prepared to the end: waits for the source's last word (on `channel` while it lives; a side adopted
+    /// after a restart has none and waits for a rejoin) and finishes, keeps or gives up the VM accordingly.
+    private func receive(_ destination: DestinationSide, name: String, session: UInt64, migration: MigrationOptions,
+                         channel: ControlChannel?, rejoin: ControlRejoin) throws -> ControlReply {
+        incomingSides.withLock { $0[session] = destination }
+        defer { forget(session, destination) }
         let reconnectMillis = max(Int(migration.reconnectTimeoutMillis), 10_000)
-        switch lastWord(from: channel, rejoin: rejoin, session: request.session, destination: destination,
+        switch lastWord(from: channel, rejoin: rejoin, session: session, destination: destination,
                         reconnectMillis: reconnectMillis) {
         case .said(.finish(let source)):
             let result: MigrationResult
@@ -69,6 +127,20 @@ extension Daemon {
         }
     }
 
+    /// Writes a destination record; a failure costs only the ability to carry on after a restart.
+    private func record(_ record: DestinationSessionRecord) {
+        do { try store.save(record) } catch {
+            logger.error("could not record the migration of \(record.vmName) in \(options.stateDirectory): \(error); if this daemon dies before it ends, it cannot be carried on")
+        }
+    }
+
+    /// The migration is over here (received, kept or given up): nothing a restart would carry on.
+    private func forget(_ session: UInt64, _ destination: DestinationSide) {
+        _ = incomingSides.withLock { $0.removeValue(forKey: session) }
+        store.remove(DestinationSessionRecord.self, session: session)
+        if let digests = destination.currentSuccession?.digestsFile { unlink(digests) }
+    }
+
     /// A source that lost its control connection, asking again on a new one.
     func rejoined(_ session: UInt64, _ step: ControlRejoin.Step) throws -> ControlReply {
         guard let rejoin = rejoins.withLock({ $0[session] }) else {
@@ -95,14 +167,15 @@ extension Daemon {
     /// only a rejoin brings it. The source comes back when its side is done (after its own drain), so the wait
     /// runs `reconnectMillis` past whichever is later, the loss or the last page landing here; a guest that
     /// never ran here is given up `reconnectMillis` after the loss.
-    private func lastWord(from channel: ControlChannel, rejoin: ControlRejoin, session: UInt64,
+    private func lastWord(from channel: ControlChannel?, rejoin: ControlRejoin, session: UInt64,
                           destination: DestinationSide, reconnectMillis: Int) -> LastWord {
-        var lostAt: UInt64?
+        var lostAt: UInt64? = channel == nil ? monotonicNanos() : nil
         var drainedAt: UInt64?
         let patience = UInt64(reconnectMillis) * 1_000_000
         while true {
             if let step = rejoin.waitForStep(millis: lostAt == nil ? 0 : 200) { return .said(step) }
             guard let lost = lostAt else {
+                guard let channel else { lostAt = monotonicNanos(); continue }
                 do {
                     switch try channel.receiveRequest(timeoutMillis: 500) {
                     case .finish(let source): rejoin.deliver(.finish(source))

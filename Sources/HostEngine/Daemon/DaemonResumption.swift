@@ -11,25 +11,27 @@ extension Daemon {
     func resumeSwitchedMigrations() {
         let (records, complaints) = store.sourceRecords()
         for complaint in complaints { logger.error("\(complaint)") }
-        removeOrphanedRAMFiles(keeping: Set(records.map(\.ramFile)))
+        let adopted = adoptIncomingMigrations()
+        removeOrphanedRAMFiles(keeping: Set(records.map(\.ramFile)).union(adopted))
         for record in records {
             let waiter = ControlRejoin()
             resumptions.withLock { $0[record.vmName] = waiter }
             logger.warning("taking up the migration of \(record.vmName) (session \(record.session)) that a previous daemon switched: the destination gets the rest from \(record.ramFile)")
             let thread = JoinableThread(name: "epcopy-resume") { [self] in
                 waiter.finish(resume(record))
-                store.remove(session: record.session)
+                store.remove(SourceSessionRecord.self, session: record.session)
             }
             _ = thread  // ends on its own; `migrate --resume` waits on `waiter`
         }
     }
 
-    /// RAM files of this daemon's VMs that died with a previous daemon (their QEMUs are bound to it), except those
-    /// a record still needs: nothing else can use them, and each holds a guest's worth of host memory.
+    /// RAM files (and digest tables) of this daemon's VMs that died with a previous daemon (their QEMUs are bound
+    /// to it), except those a record still needs: nothing else can use them, and each holds a guest's worth of
+    /// host memory.
     private func removeOrphanedRAMFiles(keeping needed: Set<String>) {
         let prefix = "epcopy-\(options.instance)-"
         guard let names = try? FileManager.default.contentsOfDirectory(atPath: "/dev/shm") else { return }
-        for name in names where name.hasPrefix(prefix) && name.hasSuffix(".ram") {
+        for name in names where name.hasPrefix(prefix) && (name.hasSuffix(".ram") || name.hasSuffix(".digests")) {
             let path = "/dev/shm/\(name)"
             guard !needed.contains(path) else { continue }
             if unlink(path) == 0 { logger.warning("removed \(path), left by a previous daemon whose VM died with it") }

@@ -3,6 +3,8 @@
 // the directory), so a restarted daemon finds either the whole record or the previous one, never half. The
 // source writes its record at the switch (from STOP its RAM file is the only copy of what has not moved) and
 // removes it once the destination has every page; a restarted source daemon takes up every record it finds.
+// The destination writes its record when it has prepared (its QEMU outlives the daemon) and again at RESUME
+// and after the free scan; a restarted destination daemon adopts the QEMU and carries on receiving.
 // Records are untrusted input like any other: a file that does not decode is set aside, not acted on.
 
 import EpcopyProtocol
@@ -41,21 +43,49 @@ public struct SourceSessionRecord: Codable, Sendable, Equatable {
     }
 }
 
+/// What a restarted destination daemon needs to carry on receiving a migration.
+public struct DestinationSessionRecord: Codable, Sendable, Equatable {
+    public var session: UInt64 { succession.session }
+    public var vmName: String
+    public var options: MigrationRequestOptions
+    public var succession: DestinationSuccession
+
+    enum CodingKeys: String, CodingKey {
+        case vmName = "vm_name"
+        case options, succession
+    }
+
+    public init(vmName: String, options: MigrationRequestOptions, succession: DestinationSuccession) {
+        self.vmName = vmName
+        self.options = options
+        self.succession = succession
+    }
+}
+
+/// A record of one side of a migration, filed under its kind.
+public protocol SessionRecord: Codable, Sendable {
+    static var kind: String { get }
+    var session: UInt64 { get }
+}
+
+extension SourceSessionRecord: SessionRecord { public static var kind: String { "source" } }
+extension DestinationSessionRecord: SessionRecord { public static var kind: String { "destination" } }
+
 public struct SessionStore: Sendable {
     public let directory: String
 
     public init(directory: String) { self.directory = directory }
 
-    private func path(_ session: UInt64) -> String { "\(directory)/source-\(session).json" }
+    private func path<R: SessionRecord>(_ kind: R.Type, _ session: UInt64) -> String { "\(directory)/\(R.kind)-\(session).json" }
 
     /// Writes `record` so that a crash at any point leaves the old file or the new one.
-    public func save(_ record: SourceSessionRecord) throws {
+    public func save<R: SessionRecord>(_ record: R) throws {
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true,
                                                 attributes: [.posixPermissions: 0o700])
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys]
         let data = try encoder.encode(record)
-        let final = path(record.session)
+        let final = path(R.self, record.session)
         let temporary = final + ".tmp"
         let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw SyscallError(call: "open(\(temporary))", errno: errno) }
@@ -87,20 +117,26 @@ public struct SessionStore: Sendable {
         }
     }
 
-    public func remove(session: UInt64) {
-        unlink(path(session))
+    public func remove<R: SessionRecord>(_ kind: R.Type, session: UInt64) {
+        unlink(path(kind, session))
     }
 
-    /// Every record in the directory. Files that do not decode are renamed `*.bad` and reported, never used.
-    public func sourceRecords() -> (records: [SourceSessionRecord], complaints: [String]) {
+    public func sourceRecords() -> (records: [SourceSessionRecord], complaints: [String]) { records(SourceSessionRecord.self) }
+
+    public func destinationRecords() -> (records: [DestinationSessionRecord], complaints: [String]) {
+        records(DestinationSessionRecord.self)
+    }
+
+    /// Every record of a kind in the directory. Files that do not decode are renamed `*.bad` and reported, never used.
+    public func records<R: SessionRecord>(_ kind: R.Type) -> (records: [R], complaints: [String]) {
         guard let names = try? FileManager.default.contentsOfDirectory(atPath: directory) else { return ([], []) }
-        var records: [SourceSessionRecord] = []
+        var records: [R] = []
         var complaints: [String] = []
-        for name in names.sorted() where name.hasPrefix("source-") && name.hasSuffix(".json") {
+        for name in names.sorted() where name.hasPrefix("\(R.kind)-") && name.hasSuffix(".json") {
             let file = "\(directory)/\(name)"
-            guard let data = FileManager.default.contents(atPath: file), data.count <= 1 << 20,
-                  let record = try? JSONDecoder().decode(SourceSessionRecord.self, from: data),
-                  name == "source-\(record.session).json"
+            guard let data = FileManager.default.contents(atPath: file), data.count <= 16 << 20,
+                  let record = try? JSONDecoder().decode(R.self, from: data),
+                  name == "\(R.kind)-\(record.session).json"
             else {
                 complaints.append("\(file) is not a session record; set aside as \(name).bad")
                 rename(file, file + ".bad")

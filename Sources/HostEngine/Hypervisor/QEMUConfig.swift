@@ -39,6 +39,12 @@ public struct QEMUConfig: Sendable, Equatable {
     /// What the guest writes to the `org.epcopy.log.0` port (QEMU appends to it).
     public var portLog: String
     public var pidFile: String
+    /// Where QEMU's stderr goes when it outlives epcopy (otherwise a pipe epcopy drains).
+    public var stderrLog: String
+    /// QEMU survives the death of the epcopy process that started it (a destination whose daemon may be
+    /// restarted and adopt it): a keeper (timeout(1)) holds the deadline and QEMU is bound to the keeper by its
+    /// parent-death signal instead of to epcopy, and stderr goes to `stderrLog`.
+    public var outlivesEpcopy: Bool
     /// Adds `-incoming defer`: the VM waits for `migrate-incoming`.
     public var incoming: Bool
     /// Added to (and overriding) epcopy's own environment, e.g. LD_PRELOAD for the hand-over shim.
@@ -81,6 +87,8 @@ public struct QEMUConfig: Sendable, Equatable {
         self.agentSocket = "\(runDirectory)/\(base).agent"
         self.portLog = "\(runDirectory)/\(base).port.log"
         self.pidFile = "\(runDirectory)/\(base).pid"
+        self.stderrLog = "\(runDirectory)/\(base).stderr.log"
+        self.outlivesEpcopy = false
         self.incoming = false
         self.environment = [:]
         self.accel = accel ?? Self.defaultAccel()

@@ -17,12 +17,15 @@ import Glibc
 public enum QEMUTermination: Sendable, Equatable, CustomStringConvertible {
     case exited(Int32)
     case signaled(Int32)
+    /// Ended, but it was not epcopy's child (adopted after a restart), so its exit status is unknowable.
+    case ended
 
     /// The shell's convention: the exit code, or 128 + the signal.
     public var status: Int32 {
         switch self {
         case .exited(let code): return code
         case .signaled(let signal): return 128 + signal
+        case .ended: return -1
         }
     }
 
@@ -30,6 +33,7 @@ public enum QEMUTermination: Sendable, Equatable, CustomStringConvertible {
         switch self {
         case .exited(let code): return "exited with status \(code)"
         case .signaled(let signal): return "killed by signal \(signal)"
+        case .ended: return "ended (an adopted process: no exit status)"
         }
     }
 }
@@ -73,6 +77,8 @@ public final class QEMUProcess: @unchecked Sendable {
     /// The binary that runs (after setpriv execs it, the PID is QEMU's).
     public let executable: String
     public let pid: Int32
+    /// The keeper QEMU runs under when it outlives epcopy (`config.outlivesEpcopy`; nil when adopted).
+    public let keeperPid: Int32?
     /// Connected and past capabilities negotiation.
     public let qmp: QMPClient
     private let supervisor: QEMUSupervisor
@@ -80,12 +86,13 @@ public final class QEMUProcess: @unchecked Sendable {
     private let keepRAM: Mutex<Bool>
     private let tornDown = Mutex<Bool>(false)
 
-    private init(config: QEMUConfig, executable: String, supervisor: QEMUSupervisor, pid: Int32,
+    private init(config: QEMUConfig, executable: String, supervisor: QEMUSupervisor, pid: Int32, keeperPid: Int32?,
                  qmp: QMPClient, ramFileExisted: Bool) {
         self.config = config
         self.executable = executable
         self.supervisor = supervisor
         self.pid = pid
+        self.keeperPid = keeperPid
         self.qmp = qmp
         self.ramFileExisted = ramFileExisted
         self.keepRAM = Mutex(config.keepRAMFile)
@@ -101,15 +108,25 @@ public final class QEMUProcess: @unchecked Sendable {
         let ramFileExisted = access(config.ramFile, F_OK) == 0
         var environment = ProcessInfo.processInfo.environment
         environment.merge(config.environment) { _, extra in extra }
-        let supervisor = QEMUSupervisor(name: config.name)
+        let supervisor = QEMUSupervisor(name: config.name, stderrLog: config.outlivesEpcopy ? config.stderrLog : nil)
         let pid = try supervisor.spawn(executable: executable, arguments: config.arguments,
                                        environment: environment, deadlineSeconds: config.deadlineSeconds)
         Log.qemu.trace("qemu \(config.name): pid \(pid): \(executable) \(config.arguments.joined(separator: " "))")
         do throws(QMPError) {
             let qmp = try QMPClient.connect(path: config.qmpSocket, timeout: connectTimeout,
                                             abandonIf: { supervisor.termination != nil })
-            return QEMUProcess(config: config, executable: executable, supervisor: supervisor, pid: pid,
-                               qmp: qmp, ramFileExisted: ramFileExisted)
+            guard config.outlivesEpcopy else {
+                return QEMUProcess(config: config, executable: executable, supervisor: supervisor, pid: pid,
+                                   keeperPid: nil, qmp: qmp, ramFileExisted: ramFileExisted)
+            }
+            // Behind its keeper: QEMU wrote its own PID (-pidfile) before it served QMP.
+            guard let qemuPid = Self.pidFromFile(config.pidFile), Self.parent(of: qemuPid) == pid else {
+                qmp.close()
+                throw QMPError.malformed(step: "pidfile", detail: "QEMU behind keeper \(pid) did not write its PID to \(config.pidFile)")
+            }
+            supervisor.bindQEMU(pid: qemuPid)
+            return QEMUProcess(config: config, executable: executable, supervisor: supervisor, pid: qemuPid,
+                               keeperPid: pid, qmp: qmp, ramFileExisted: ramFileExisted)
         } catch {
             // A QEMU that failed closes its monitor socket a moment before the reaper sees it exit.
             let ended = supervisor.waitForExit(timeout: .seconds(1))
@@ -118,6 +135,42 @@ public final class QEMUProcess: @unchecked Sendable {
             if let ended { throw .exitedEarly(status: ended.status, stderr: supervisor.stderrText) }
             throw .qmp(error)
         }
+    }
+
+    /// Takes charge of a QEMU that a previous epcopy process started with `config` (`outlivesEpcopy`) and that
+    /// still runs: checks that `qemuPid` is that QEMU (its command line names the config's QMP socket), watches it
+    /// through a pidfd and connects its monitor. Teardown kills it and removes its files, as if launched here.
+    public static func adopt(_ config: QEMUConfig, qemuPid: Int32, connectTimeout: Duration) throws(QEMUError) -> QEMUProcess {
+        let cmdline = (FileManager.default.contents(atPath: "/proc/\(qemuPid)/cmdline")).map {
+            String(decoding: $0, as: UTF8.self).split(separator: "\0").map(String.init)
+        } ?? []
+        guard cmdline.contains(where: { $0.contains(config.qmpSocket) }) else {
+            throw .notFound("pid \(qemuPid) is not the QEMU of \(config.name) (no \(config.qmpSocket) on its command line)")
+        }
+        let supervisor = try QEMUSupervisor.adopt(name: config.name, qemuPid: qemuPid, stderrLog: config.stderrLog)
+        do throws(QMPError) {
+            let qmp = try QMPClient.connect(path: config.qmpSocket, timeout: connectTimeout,
+                                            abandonIf: { supervisor.termination != nil })
+            return QEMUProcess(config: config, executable: cmdline.first ?? "?", supervisor: supervisor, pid: qemuPid,
+                               keeperPid: nil, qmp: qmp, ramFileExisted: false)
+        } catch {
+            supervisor.stop()
+            throw .qmp(error)
+        }
+    }
+
+    private static func pidFromFile(_ path: String) -> Int32? {
+        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return nil }
+        return Int32(text.trimmingCharacters(in: .whitespacesAndNewlines))
+    }
+
+    /// The parent PID of `pid` (/proc/PID/status), if it still runs.
+    static func parent(of pid: Int32) -> Int32? {
+        guard let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8) else { return nil }
+        for line in status.split(separator: "\n") where line.hasPrefix("PPid:") {
+            return Int32(line.dropFirst(5).trimmingCharacters(in: .whitespaces))
+        }
+        return nil
     }
 
     /// Whether the process has not been reaped yet.
@@ -171,7 +224,7 @@ public final class QEMUProcess: @unchecked Sendable {
     }
 
     private static func removeFiles(_ config: QEMUConfig, ramFileExisted: Bool, keepRAMFile: Bool) {
-        var paths = [config.qmpSocket, config.agentSocket, config.pidFile]
+        var paths = [config.qmpSocket, config.agentSocket, config.pidFile, config.stderrLog]
         if !config.keepSerialLog { paths += [config.serialLog, config.portLog] }
         if !keepRAMFile && !ramFileExisted { paths.append(config.ramFile) }
         for path in paths { _ = unlink(path) }

@@ -1,5 +1,7 @@
 // The thread that owns one QEMU process: spawns it (bound to this thread by a parent-death signal),
 // drains its stderr, reaps it, and SIGKILLs it when its deadline passes, so no QEMU outlives its purpose.
+// A QEMU that must outlive epcopy (a destination whose daemon may die and be restarted) is bound instead to
+// a keeper, timeout(1), that holds the deadline; a restarted daemon adopts it by PID and watches its pidfd.
 
 import CEpcopyLinux
 import Foundation
@@ -20,21 +22,41 @@ final class QEMUSupervisor: @unchecked Sendable {
         var termination: QEMUTermination?
         var deadlineExpired = false
         var stderr: [UInt8] = []
+        /// QEMU's own pidfd when it is not the child this thread spawned (behind a keeper, or adopted).
+        var qemuPidfd: Int32 = -1
+        var killed = false
+        /// Not this process's child: signalled and watched only through `qemuPidfd`.
+        var adopted = false
     }
 
     private static let stderrLimit = 256 << 10
     private static let setpriv = "/usr/bin/setpriv"
+    private static let keeper = "/usr/bin/timeout"
 
     private let name: String
+    /// QEMU's stderr when it goes to a file (it outlives epcopy) rather than to a pipe this thread drains.
+    private let stderrLog: String?
     private let condition = NSCondition()
     private var state = State()
     private var thread: JoinableThread?
 
-    init(name: String) { self.name = name }
+    /// `stderrLog`: QEMU outlives epcopy (see spawn), its stderr goes to this file.
+    init(name: String, stderrLog: String? = nil) {
+        self.name = name
+        self.stderrLog = stderrLog
+    }
+
+    deinit { if state.qemuPidfd >= 0 { _ = Glibc.close(state.qemuPidfd) } }
 
     var termination: QEMUTermination? { locked { $0.termination } }
     var deadlineExpired: Bool { locked { $0.deadlineExpired } }
-    var stderrText: String { locked { String(decoding: $0.stderr, as: UTF8.self) } }
+    var stderrText: String {
+        if let stderrLog, let file = FileHandle(forReadingAtPath: stderrLog) {
+            defer { try? file.close() }
+            return String(decoding: (try? file.read(upToCount: Self.stderrLimit)) ?? Data(), as: UTF8.self)
+        }
+        return locked { String(decoding: $0.stderr, as: UTF8.self) }
+    }
 
     private func locked<T>(_ body: (inout State) -> T) -> T {
         condition.lock()
@@ -42,19 +64,31 @@ final class QEMUSupervisor: @unchecked Sendable {
         return body(&state)
     }
 
-    /// Starts the supervising thread, which spawns QEMU; returns QEMU's PID.
+    /// Starts the supervising thread, which spawns QEMU; returns the PID of the child: QEMU itself, or (with a
+    /// `stderrLog`) its keeper, whose child QEMU is (see `bindQEMU`).
     func spawn(executable: String, arguments: [String], environment: [String: String],
                deadlineSeconds: Double) throws(QEMUError) -> Int32 {
         var argv = [executable] + arguments
-        // setpriv sets PR_SET_PDEATHSIG and execs QEMU in place (same PID): if this thread, or all of
-        // epcopy, dies, the kernel SIGKILLs QEMU.
+        // setpriv sets PR_SET_PDEATHSIG and execs QEMU in place (same PID): if its parent dies, the kernel
+        // SIGKILLs QEMU. The parent is this thread, or the keeper: timeout(1), which kills QEMU at the deadline
+        // whether or not epcopy still lives, and (not bound to epcopy) lets QEMU survive epcopy's death.
         if access(Self.setpriv, X_OK) == 0 {
             argv = [Self.setpriv, "--pdeathsig", "KILL", "--"] + argv
         }
+        if stderrLog != nil {
+            argv = [Self.keeper, "--signal=KILL", "\(Int(deadlineSeconds.rounded(.up)))s"] + argv
+        }
         let env = environment.map { "\($0.key)=\($0.value)" }
         var fds: [Int32] = [-1, -1]
-        let piped = pipe2(&fds, O_CLOEXEC)
-        guard piped == 0 else { throw .spawnFailed(SyscallError(call: "pipe2", errno: errno)) }
+        if let stderrLog {
+            // No pipe: a file QEMU can keep writing after epcopy is gone.
+            let fd = open(stderrLog, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+            guard fd >= 0 else { throw .spawnFailed(SyscallError(call: "open(\(stderrLog))", errno: errno)) }
+            fds[1] = fd
+        } else {
+            let piped = pipe2(&fds, O_CLOEXEC)
+            guard piped == 0 else { throw .spawnFailed(SyscallError(call: "pipe2", errno: errno)) }
+        }
         let deadlineNanos = monotonicNanos() + UInt64(deadlineSeconds * 1e9)
         let (fullArgv, readEnd, writeEnd) = (argv, fds[0], fds[1])
         thread = JoinableThread(name: "epcopy-qemu-wd") { [self] in
@@ -75,7 +109,9 @@ final class QEMUSupervisor: @unchecked Sendable {
     /// The supervising thread's body.
     private func supervise(argv: [String], env: [String], stderrRead: Int32, stderrWrite: Int32,
                            deadlineNanos: UInt64) {
-        let errRead = FileDescriptor(adopting: stderrRead)
+        // -1 when stderr goes to a file instead of the pipe.
+        let errRead = stderrRead
+        defer { if errRead >= 0 { _ = Glibc.close(errRead) } }
         var pid: pid_t = 0
         let rc = Self.posixSpawn(argv: argv, env: env, stderr: stderrWrite, pid: &pid)
         _ = Glibc.close(stderrWrite)
@@ -87,10 +123,10 @@ final class QEMUSupervisor: @unchecked Sendable {
         locked { $0.pid = pid }
         condition.broadcast()
 
-        _ = fcntl(errRead.rawValue, F_SETFL, O_NONBLOCK)
+        if errRead >= 0 { _ = fcntl(errRead, F_SETFL, O_NONBLOCK) }
         let pidfd = Int32(epc_pidfd_open(pid, 0))  // -errno on failure: then waitpid is polled
         defer { if pidfd >= 0 { _ = Glibc.close(pidfd) } }
-        var stderrOpen = true
+        var stderrOpen = errRead >= 0
         while true {
             let now = monotonicNanos()
             if now >= deadlineNanos && !deadlineExpired {
@@ -102,12 +138,46 @@ final class QEMUSupervisor: @unchecked Sendable {
             var timeoutMs = now < deadlineNanos ? Int32(min((deadlineNanos - now) / 1_000_000 + 1, 1000)) : 100
             if pidfd < 0 { timeoutMs = min(timeoutMs, 20) }
             var fds = [pollfd(fd: pidfd, events: Int16(POLLIN), revents: 0),
-                       pollfd(fd: stderrOpen ? errRead.rawValue : -1, events: Int16(POLLIN), revents: 0)]
+                       pollfd(fd: stderrOpen ? errRead : -1, events: Int16(POLLIN), revents: 0)]
             _ = poll(&fds, 2, timeoutMs)
-            if fds[1].revents != 0 { stderrOpen = drainStderr(errRead.rawValue) }
+            if fds[1].revents != 0 { stderrOpen = drainStderr(errRead) }
             if reap(pid) { break }
         }
-        _ = drainStderr(errRead.rawValue)
+        if errRead >= 0 { _ = drainStderr(errRead) }
+    }
+
+    /// QEMU's own PID, when the spawned child is its keeper: `kill` then signals QEMU itself too (through a
+    /// pidfd, so never a reused PID), in case no parent-death signal binds it to the keeper.
+    func bindQEMU(pid: Int32) {
+        let pidfd = Int32(epc_pidfd_open(pid, 0))
+        guard pidfd >= 0 else { return }
+        locked { s in
+            if s.qemuPidfd >= 0 { _ = Glibc.close(s.qemuPidfd) }
+            s.qemuPidfd = pidfd
+        }
+    }
+
+    /// Watches a QEMU that is not this process's child (a previous daemon started it behind its keeper): it
+    /// ends when its pidfd says so; its exit status cannot be known.
+    static func adopt(name: String, qemuPid: Int32, stderrLog: String?) throws(QEMUError) -> QEMUSupervisor {
+        let supervisor = QEMUSupervisor(name: name, stderrLog: stderrLog)
+        let pidfd = Int32(epc_pidfd_open(qemuPid, 0))
+        guard pidfd >= 0 else { throw .notFound("QEMU pid \(qemuPid) is gone: \(SyscallError(call: "pidfd_open", errno: -pidfd))") }
+        supervisor.state.qemuPidfd = pidfd
+        supervisor.state.pid = qemuPid
+        supervisor.state.adopted = true
+        supervisor.thread = JoinableThread(name: "epcopy-qemu-wd") { [supervisor] in supervisor.watchAdopted(pidfd) }
+        return supervisor
+    }
+
+    private func watchAdopted(_ pidfd: Int32) {
+        while true {
+            var fds = [pollfd(fd: pidfd, events: Int16(POLLIN), revents: 0)]
+            if poll(&fds, 1, 1000) > 0, fds[0].revents != 0 { break }
+        }
+        locked { $0.termination = $0.killed ? .signaled(SIGKILL) : .ended }
+        Log.qemu.trace("qemu \(name): \(termination.map(\.description) ?? "?")")
+        condition.broadcast()
     }
 
     /// Reads what is available; false at end of file.
@@ -149,10 +219,14 @@ final class QEMUSupervisor: @unchecked Sendable {
         return ended
     }
 
-    /// SIGKILL by PID, unless already reaped.
+    /// SIGKILL by PID (QEMU's pidfd when it is not the child), unless already reaped.
     func kill() {
         locked { s in
-            if let pid = s.pid, s.termination == nil { _ = Glibc.kill(pid, SIGKILL) }
+            guard s.termination == nil else { return }
+            s.killed = true
+            if s.qemuPidfd >= 0 { _ = epc_pidfd_send_signal(s.qemuPidfd, SIGKILL) }
+            // The child itself by PID: it is not reaped yet, so the PID is still its own.
+            if let pid = s.pid, !s.adopted { _ = Glibc.kill(pid, SIGKILL) }
         }
     }
 

@@ -11,6 +11,8 @@ public final class AtomicPageBitmap: @unchecked Sendable {
     // @unchecked Sendable is sound because every access is atomic.
     private let words: UnsafeMutablePointer<UInt64>
     private let wordCount: Int
+    /// Whether `words` was allocated here (else it lives in memory the creator owns, e.g. a shared mapping).
+    private let ownsWords: Bool
     /// Number of pages the bitmap covers.
     public let pageCount: UInt64
 
@@ -19,9 +21,21 @@ public final class AtomicPageBitmap: @unchecked Sendable {
         self.wordCount = Int((pageCount + 63) / 64)
         self.words = .allocate(capacity: max(wordCount, 1))
         self.words.initialize(repeating: 0, count: max(wordCount, 1))
+        ownsWords = true
     }
 
-    deinit { words.deallocate() }
+    /// A bitmap over `wordCount(pageCount)` words that the caller owns and keeps alive longer than this bitmap
+    /// (their current bits are its contents).
+    public init(pageCount: UInt64, words: UnsafeMutablePointer<UInt64>) {
+        self.pageCount = pageCount
+        self.wordCount = Self.wordCount(pageCount)
+        self.words = words
+        ownsWords = false
+    }
+
+    public static func wordCount(_ pageCount: UInt64) -> Int { Int((pageCount + 63) / 64) }
+
+    deinit { if ownsWords { words.deallocate() } }
 
     @inline(__always)
     public func contains(_ page: UInt64) -> Bool {

@@ -6,7 +6,9 @@
 //   drain    — (finish) the engine has placed every page and unregistered the uffd;
 //   verify   — placed pages against the source's digests at STOP, and the guest's own verdict.
 // There is nothing to release here: the VM now lives on this host. Before the switch, `abandon` undoes
-// prepare.
+// prepare. A survivable side (enlightened mode in a daemon) starts a QEMU that outlives this process and
+// keeps a DestinationSuccession current, so that a restarted daemon can adopt it (`init(adopting:)`): the
+// QEMU by PID, the shim's uffd by pidfd_getfd, the engine's port, and the switch as far as it got.
 
 import CEpcopyLinux
 import EpcopyProtocol
@@ -28,35 +30,154 @@ public final class DestinationSide: @unchecked Sendable {
     private let resumed = ResultSlot<Double, MigrationError>()
     private let freeScan = ResultSlot<FreeScanOutcome, MigrationError>()
     private var switchWatcher: JoinableThread?
+    /// What a successor would need (survivable sides only), and who is told each time it changes.
+    private let succession: Mutex<DestinationSuccession?>
+    private let checkpoint: @Sendable (DestinationSuccession) -> Void
+
+    /// Makes a destination survivable: its QEMU outlives this process, the digests are kept in `digestsFile`,
+    /// and `checkpoint` hears the succession each time it changes (RESUME, the free scan).
+    public struct Survival: Sendable {
+        public var digestsFile: String?
+        public var checkpoint: @Sendable (DestinationSuccession) -> Void
+        public init(digestsFile: String?, checkpoint: @escaping @Sendable (DestinationSuccession) -> Void) {
+            self.digestsFile = digestsFile
+            self.checkpoint = checkpoint
+        }
+    }
 
     /// Starts the destination QEMU (with the shim in enlightened mode), the engine, and migrate-incoming
-    /// on `bindHost` (the address the source reaches this host at).
+    /// on `bindHost` (the address the source reaches this host at). With `survival` (enlightened mode only),
+    /// the side can be adopted by a successor once this process dies (see `succession`).
     public init(spec: VMSpec, name: String, mode: MigrationMode, session: UInt64, bindHost: String,
-                options: MigrationOptions) throws {
+                options: MigrationOptions, deadlineSeconds: Double = 3600, survival: Survival? = nil) throws {
         self.mode = mode
-        var config = spec.config(name: name)
-        config.forwardHost = bindHost
-        config.incoming = true
+        let survival = mode == .enlightened ? survival : nil
+        var config = Self.config(spec, name: name, bindHost: bindHost, deadlineSeconds: deadlineSeconds)
+        config.outlivesEpcopy = survival != nil
         unlink(config.ramFile)
         self.bindHost = bindHost
         migrationURI = "tcp:\(bindHost):\(Self.freePort(host: bindHost))"
-        let handover = mode == .enlightened ? try MemoryHandover(config: &config, session: session, options: options) : nil
+        let ignore: @Sendable (DestinationSuccession) -> Void = { _ in }
+        checkpoint = survival?.checkpoint ?? ignore
+        let handover = mode == .enlightened
+            ? try MemoryHandover(config: &config, session: session, options: options, digestsFile: survival?.digestsFile)
+            : nil
         qemu = try Self.launch(config, handover: handover)
+        var takeover: DestinationState?
         if let handover {
-            let (engine, listener) = try Self.engine(from: handover, bindHost: bindHost, qemu: qemu)
+            let (engine, state, listener) = try Self.engine(from: handover, bindHost: bindHost, qemu: qemu)
             engineEndpoint = listener.listener.endpoint
             engineThread = Self.run(engine, listener: listener, into: engineResult)
             self.engine = engine
+            takeover = state
         } else {
             engine = nil
             engineEndpoint = nil
             engineThread = nil
         }
+        var initial: DestinationSuccession?
+        if let survival, let takeover {
+            initial = DestinationSuccession(session: session, spec: spec, qemuName: name, bindHost: bindHost,
+                                            deadlineSeconds: deadlineSeconds, qemuPid: qemu.pid, takeover: takeover,
+                                            engine: engineEndpoint.map { "\($0)" } ?? "", migrationURI: "",
+                                            digestsFile: options.verify ? survival.digestsFile : nil)
+        }
+        succession = Mutex(initial)
         try prepareIncoming()
-        switchWatcher = watchSwitch(session: session, options: options)
+        succession.withLock { $0?.migrationURI = migrationURI }
+        switchWatcher = watchSwitch(session: session, options: options, resumedAt: nil, free: nil)
+    }
+
+    /// Carries on a survivable side whose process died: adopts its QEMU (still running behind its keeper),
+    /// takes the shim's userfaultfd back, learns which pages are present (mincore on the RAM file), and serves
+    /// the source again on the same engine port. The switch goes on from where `state` says it got.
+    public init(adopting state: DestinationSuccession, options: MigrationOptions,
+                checkpoint: @escaping @Sendable (DestinationSuccession) -> Void) throws {
+        mode = .enlightened
+        bindHost = state.bindHost
+        migrationURI = state.migrationURI
+        self.checkpoint = checkpoint
+        var config = Self.config(state.spec, name: state.qemuName, bindHost: state.bindHost,
+                                 deadlineSeconds: state.deadlineSeconds)
+        config.outlivesEpcopy = true
+        do { qemu = try QEMUProcess.adopt(config, qemuPid: state.qemuPid, connectTimeout: .seconds(20)) } catch {
+            throw MigrationError.step("destination: adopt QEMU \(state.qemuPid)", error)
+        }
+        guard let endpoint = Endpoint(state.engine), state.takeover.sessionID == state.session else {
+            throw MigrationError.step("destination: adopt", ControlError.remote("the record names no engine endpoint for session \(state.session)"))
+        }
+        var present = PageSet<PageIndex>()
+        let memory: DestinationMemory
+        do { memory = try DestinationMemory.takeOver(state.takeover, present: &present) } catch {
+            throw MigrationError.step("destination: take the userfaultfd back from QEMU \(state.qemuPid)", error)
+        }
+        var digests: PageDigests?
+        if let file = state.digestsFile {
+            do { digests = try PageDigests(pageCount: memory.regionPages, file: file, fresh: false) } catch {
+                throw MigrationError.step("destination: the digest table", error)
+            }
+        }
+        var engineOptions = Self.engineOptions(session: state.session, options: options, digests: digests)
+        engineOptions.initiallyPresent = present
+        let engine = DestinationEngine(memory: memory, options: engineOptions)
+        let listener: ListenerHolder
+        do { listener = ListenerHolder(try Self.listen(on: endpoint)) } catch {
+            throw MigrationError.step("destination: listen on \(endpoint) again", error)
+        }
+        self.engine = engine
+        engineEndpoint = endpoint
+        engineThread = Self.run(engine, listener: listener, into: engineResult)
+        succession = Mutex(state)
+        Log.engine.info("destination: adopted QEMU \(state.qemuPid) of session \(state.session): \(present.count) pages already here")
+        // RESUME may have happened while nobody watched QMP: then the guest runs, and the time is taken as now.
+        var resumedAt = state.resumeTimestamp
+        if resumedAt == nil, (try? qemu.qmp.execute("query-status", timeout: .seconds(5)))?["status"]?.stringValue == "running" {
+            resumedAt = Date().timeIntervalSince1970
+        }
+        switchWatcher = watchSwitch(session: state.session, options: options, resumedAt: resumedAt, free: state.freePages)
     }
 
     // MARK: prepare
+
+    private static func config(_ spec: VMSpec, name: String, bindHost: String, deadlineSeconds: Double) -> QEMUConfig {
+        var config = spec.config(name: name, deadlineSeconds: deadlineSeconds)
+        config.forwardHost = bindHost
+        config.incoming = true
+        return config
+    }
+
+    /// The engine's options for this migration (a first engine, or one that adopts).
+    fileprivate static func engineOptions(session: UInt64, options: MigrationOptions, digests: PageDigests?) -> DestinationOptions {
+        var engine = DestinationOptions(sessionID: session, link: options.link, recordDigests: options.verify,
+                                        authKey: options.authKey)
+        engine.reconnectTimeoutMillis = options.reconnectTimeoutMillis
+        engine.keepalive = options.keepalive
+        engine.digests = digests
+        return engine
+    }
+
+    /// Binds the engine's port again; a socket of the dead process may hold it for a moment.
+    private static func listen(on endpoint: Endpoint) throws -> Listener {
+        let deadline = monotonicNanos() + 10_000_000_000
+        while true {
+            do { return try TCP.listen(on: endpoint) } catch {
+                if monotonicNanos() > deadline { throw error }
+                usleep(100_000)
+            }
+        }
+    }
+
+    /// What a successor would need, as it stands (nil for a side that is not survivable).
+    public var currentSuccession: DestinationSuccession? { succession.withLock { $0 } }
+
+    private func updateSuccession(_ change: (inout DestinationSuccession) -> Void) {
+        guard let updated = succession.withLock({ s -> DestinationSuccession? in
+            guard s != nil else { return nil }
+            change(&s!)
+            return s
+        }) else { return }
+        checkpoint(updated)
+    }
 
     private static func launch(_ config: QEMUConfig, handover: MemoryHandover?) throws -> QEMUProcess {
         do { return try QEMUProcess.launch(config, connectTimeout: .seconds(60)) } catch {
@@ -65,15 +186,17 @@ public final class DestinationSide: @unchecked Sendable {
         }
     }
 
-    /// The engine over the handed-over memory, and the listener the source engine connects to.
+    /// The engine over the handed-over memory, what a takeover of it would need, and the listener the source
+    /// engine connects to.
     private static func engine(from handover: MemoryHandover, bindHost: String,
-                               qemu: QEMUProcess) throws -> (DestinationEngine, ListenerHolder) {
+                               qemu: QEMUProcess) throws -> (DestinationEngine, DestinationState, ListenerHolder) {
         let engine: DestinationEngine
-        do { engine = try handover.engine() } catch {
+        let state: DestinationState
+        do { (engine, state) = try handover.engine() } catch {
             qemu.teardown()
             throw MigrationError.step("destination: guest memory hand-over", error)
         }
-        do { return (engine, ListenerHolder(try TCP.listen(on: Endpoint(host: bindHost, port: 0)))) } catch {
+        do { return (engine, state, ListenerHolder(try TCP.listen(on: Endpoint(host: bindHost, port: 0)))) } catch {
             qemu.teardown()
             throw MigrationError.step("destination: listen on \(bindHost)", error)
         }
@@ -108,23 +231,35 @@ public final class DestinationSide: @unchecked Sendable {
 
     // MARK: switch
 
-    /// A thread that records RESUME as it happens, then (enlightened mode) runs the agent's free scan.
-    private func watchSwitch(session: UInt64, options: MigrationOptions) -> JoinableThread {
+    /// A thread that records RESUME as it happens (or takes `resumedAt`, when a previous process saw it), then
+    /// (enlightened mode) runs the agent's free scan, unless a previous process's scan already answered (`free`).
+    private func watchSwitch(session: UInt64, options: MigrationOptions, resumedAt: Double?,
+                             free: PageSet<PageIndex>?) -> JoinableThread {
         let (qmp, slot, since, engine, scanSlot) = (qemu.qmp, resumed, start, self.engine, freeScan)
         let (agentSocket, useAgent) = (qemu.config.agentSocket, mode == .enlightened && options.useAgent)
         let regionPages = qemu.config.regionPages
         // The switch does not wait for the free scan (the guest already runs here), so it may take longer than a
         // hot report: a large guest's first scan right after RESUME runs with a cold translation cache under TCG.
         let agentTimeout = max(options.agentTimeoutMillis, options.freeScanTimeoutMillis)
-        return JoinableThread(name: "epcopy-resume") {
+        return JoinableThread(name: "epcopy-resume") { [self] in
+            let timestamp: Double
             do {
-                slot.set(.success(try qmp.waitForEvent("RESUME", timeout: .seconds(600), after: since).timestamp))
+                timestamp = try resumedAt ?? qmp.waitForEvent("RESUME", timeout: .seconds(600), after: since).timestamp
             } catch {
                 slot.set(.failure(.step("destination: waiting for RESUME", error)))
                 engine?.finishFreeScan(agentAnswered: false, pagesReported: 0)
                 return
             }
+            slot.set(.success(timestamp))
+            if resumedAt == nil { updateSuccession { $0.resumeTimestamp = timestamp } }
             guard let engine else { return }
+            if let free {
+                engine.markFree(free)
+                engine.finishFreeScan(agentAnswered: true, pagesReported: free.count)
+                scanSlot.set(.success(FreeScanOutcome(answered: true, millis: 0, scanMillis: 0, free: free,
+                                                      notes: ["destination: the free scan answered before the takeover"])))
+                return
+            }
             // The agent port is opened only now: the guest runs here, and whatever answers on the port is the
             // guest's (a connection made earlier would only sit idle).
             var link: AgentLink?
@@ -133,15 +268,17 @@ public final class DestinationSide: @unchecked Sendable {
                 do { link = try AgentLink(socketPath: agentSocket, layout: GuestRAMLayout(regionPages: regionPages)) }
                 catch { note = "destination: \(error)" }
             }
+            // The free pages are on record before the engine acts on them: a successor marks them again.
             scanSlot.set(.success(Self.freeScan(link: link, linkNote: note, engine: engine, session: session,
-                                                timeoutMillis: agentTimeout)))
+                                                timeoutMillis: agentTimeout,
+                                                beforeMarking: { pages in updateSuccession { $0.setFreePages(pages) } })))
         }
     }
 
     /// After RESUME: the agent scans for free pages at once; each one not yet here is never fetched. Whatever
     /// happens, the source hears that the scan is over, so it stops holding the believed-free pages back.
     private static func freeScan(link: AgentLink?, linkNote: String?, engine: DestinationEngine, session: UInt64,
-                                 timeoutMillis: UInt64) -> FreeScanOutcome {
+                                 timeoutMillis: UInt64, beforeMarking: (PageSet<PageIndex>) -> Void) -> FreeScanOutcome {
         var outcome = FreeScanOutcome(answered: false, millis: 0, scanMillis: 0, free: PageSet(),
                                       notes: linkNote.map { [$0] } ?? [])
         guard let link else {
@@ -151,6 +288,7 @@ public final class DestinationSide: @unchecked Sendable {
         let start = monotonicNanos()
         do {
             let (report, pages) = try link.freeAfterResume(sequence: session, timeoutMillis: timeoutMillis)
+            beforeMarking(pages)
             engine.markFree(pages)
             engine.finishFreeScan(agentAnswered: true, pagesReported: pages.count)
             outcome.answered = true
@@ -242,11 +380,12 @@ public final class DestinationSide: @unchecked Sendable {
 /// The shim's hand-over of the destination QEMU's guest memory. The shim hands the RAM mapping over while QEMU
 /// starts, before QEMU serves QMP, so it is accepted on its own thread started before the launch.
 private final class MemoryHandover: Sendable {
-    private let accepted: ResultSlot<DestinationEngine, any Error>
+    private let accepted: ResultSlot<(DestinationEngine, DestinationState), any Error>
     private let thread: JoinableThread
 
     /// Points the shim (through `config`'s environment) at a fresh hand-over socket and starts accepting on it.
-    init(config: inout QEMUConfig, session: UInt64, options: MigrationOptions) throws {
+    /// With `digestsFile`, the digests go to a fresh table in that file (a successor reads it).
+    init(config: inout QEMUConfig, session: UInt64, options: MigrationOptions, digestsFile: String?) throws {
         let handoverPath = "/tmp/epcopy-\(config.name).handover"
         config.environment = ["LD_PRELOAD": options.preloadLibrary, "EPCOPY_SHIM_SOCKET": handoverPath,
                               "EPCOPY_SHIM_PREFIX": config.ramFile]
@@ -254,18 +393,19 @@ private final class MemoryHandover: Sendable {
         do { listener = try UffdHandoverListener(path: handoverPath) } catch {
             throw MigrationError.step("destination: hand-over socket", error)
         }
-        let (link, verify, key) = (options.link, options.verify, options.authKey)
-        let (reconnect, keepalive) = (options.reconnectTimeoutMillis, options.keepalive)
-        let accepted = ResultSlot<DestinationEngine, any Error>()
+        let accepted = ResultSlot<(DestinationEngine, DestinationState), any Error>()
         self.accepted = accepted
+        let digestsFile = options.verify ? digestsFile : nil
         thread = JoinableThread(name: "epcopy-handover") {
-            accepted.set(Result<DestinationEngine, any Error> {
+            accepted.set(Result<(DestinationEngine, DestinationState), any Error> {
                 let handover = try listener.accept(timeout: .seconds(60))
+                let state = DestinationState(pid: handover.pid, remoteUffdFD: handover.remoteUffdFD,
+                                             hostAddress: handover.hostVirtualAddress, length: handover.length,
+                                             fileOffset: handover.fileOffset, path: handover.path, sessionID: session)
                 let memory = try DestinationMemory(handover: handover)
-                var engineOptions = DestinationOptions(sessionID: session, link: link, recordDigests: verify, authKey: key)
-                engineOptions.reconnectTimeoutMillis = reconnect
-                engineOptions.keepalive = keepalive
-                return DestinationEngine(memory: memory, options: engineOptions)
+                let digests = try digestsFile.map { try PageDigests(pageCount: memory.regionPages, file: $0, fresh: true) }
+                let engineOptions = DestinationSide.engineOptions(session: session, options: options, digests: digests)
+                return (DestinationEngine(memory: memory, options: engineOptions), state)
             })
         }
     }
@@ -273,8 +413,8 @@ private final class MemoryHandover: Sendable {
     /// Waits for the accept to end, whatever its result.
     func join() { thread.join() }
 
-    /// The engine over the handed-over memory.
-    func engine() throws -> DestinationEngine {
+    /// The engine over the handed-over memory, and what a takeover of that memory needs.
+    func engine() throws -> (DestinationEngine, DestinationState) {
         thread.join()
         return try accepted.get()
     }

@@ -34,7 +34,7 @@ public final class DestinationEngine: @unchecked Sendable {
         let regionPages = self.memory.regionPages
         pages = DestinationPages(regionPages: regionPages)
         placer = PagePlacer(placement: self.memory.placement, pages: pages, pending: PendingFaults(), metrics: metrics,
-                            digests: options.recordDigests ? PageDigests(pageCount: regionPages) : nil)
+                            digests: options.recordDigests ? options.digests ?? PageDigests(pageCount: regionPages) : nil)
         for range in options.initiallyPresent.ranges where range.lowerBound.rawValue < regionPages {
             pages.markPresent(first: range.lowerBound, count: min(range.upperBound.rawValue, regionPages)
                                 - range.lowerBound.rawValue)

@@ -65,6 +65,9 @@ public struct DestinationOptions: Sendable {
     public var unregisterWhenDone: Bool
     /// Record a digest of every placed page (`--verify`): see PageDigests.
     public var recordDigests: Bool
+    /// With `recordDigests`: the table to record into, when the caller keeps it in a file that outlives the
+    /// engine (a daemon that may be restarted); nil: a fresh table in memory.
+    public var digests: PageDigests?
     /// Shared key: a source that cannot prove it holds it is refused.
     public var authKey: [UInt8]?
 
