@@ -141,12 +141,7 @@ public final class QEMUProcess: @unchecked Sendable {
     /// still runs: checks that `qemuPid` is that QEMU (its command line names the config's QMP socket), watches it
     /// through a pidfd and connects its monitor. Teardown kills it and removes its files, as if launched here.
     public static func adopt(_ config: QEMUConfig, qemuPid: Int32, connectTimeout: Duration) throws(QEMUError) -> QEMUProcess {
-        let cmdline = (FileManager.default.contents(atPath: "/proc/\(qemuPid)/cmdline")).map {
-            String(decoding: $0, as: UTF8.self).split(separator: "\0").map(String.init)
-        } ?? []
-        guard cmdline.contains(where: { $0.contains(config.qmpSocket) }) else {
-            throw .notFound("pid \(qemuPid) is not the QEMU of \(config.name) (no \(config.qmpSocket) on its command line)")
-        }
+        let cmdline = try checkAdoptable(config, qemuPid: qemuPid)
         let supervisor = try QEMUSupervisor.adopt(name: config.name, qemuPid: qemuPid, stderrLog: config.stderrLog)
         do throws(QMPError) {
             let qmp = try QMPClient.connect(path: config.qmpSocket, timeout: connectTimeout,
@@ -157,6 +152,18 @@ public final class QEMUProcess: @unchecked Sendable {
             supervisor.stop()
             throw .qmp(error)
         }
+    }
+
+    /// The command line of `qemuPid`, if it is the QEMU `config` describes (its QMP socket is on it).
+    @discardableResult
+    public static func checkAdoptable(_ config: QEMUConfig, qemuPid: Int32) throws(QEMUError) -> [String] {
+        let cmdline = (FileManager.default.contents(atPath: "/proc/\(qemuPid)/cmdline")).map {
+            String(decoding: $0, as: UTF8.self).split(separator: "\0").map(String.init)
+        } ?? []
+        guard cmdline.contains(where: { $0.contains(config.qmpSocket) }) else {
+            throw .notFound("pid \(qemuPid) is not the QEMU of \(config.name) (no \(config.qmpSocket) on its command line)")
+        }
+        return cmdline
     }
 
     private static func pidFromFile(_ path: String) -> Int32? {

@@ -100,12 +100,15 @@ public final class DestinationSide: @unchecked Sendable {
         var config = Self.config(state.spec, name: state.qemuName, bindHost: state.bindHost,
                                  deadlineSeconds: state.deadlineSeconds)
         config.outlivesEpcopy = true
-        do { qemu = try QEMUProcess.adopt(config, qemuPid: state.qemuPid, connectTimeout: .seconds(20)) } catch {
+        guard let endpoint = Endpoint(state.engine), state.takeover.sessionID == state.session,
+              state.takeover.pid == state.qemuPid else {
+            throw MigrationError.step("destination: adopt", ControlError.remote("the record for session \(state.session) names no engine endpoint, or another QEMU than the one holding the userfaultfd"))
+        }
+        do { try QEMUProcess.checkAdoptable(config, qemuPid: state.qemuPid) } catch {
             throw MigrationError.step("destination: adopt QEMU \(state.qemuPid)", error)
         }
-        guard let endpoint = Endpoint(state.engine), state.takeover.sessionID == state.session else {
-            throw MigrationError.step("destination: adopt", ControlError.remote("the record names no engine endpoint for session \(state.session)"))
-        }
+        // Faults first: since its engine died, the guest's vCPUs and QEMU's main loop (QMP with it) may be
+        // blocked on pages nobody serves. The uffd is taken back and served before QMP is spoken to.
         var present = PageSet<PageIndex>()
         let memory: DestinationMemory
         do { memory = try DestinationMemory.takeOver(state.takeover, present: &present) } catch {
@@ -127,6 +130,10 @@ public final class DestinationSide: @unchecked Sendable {
         self.engine = engine
         engineEndpoint = endpoint
         engineThread = Self.run(engine, listener: listener, into: engineResult)
+        // If QMP cannot be had, the engine goes on serving the guest on its own thread: the VM is not given up.
+        do { qemu = try QEMUProcess.adopt(config, qemuPid: state.qemuPid, connectTimeout: .seconds(60)) } catch {
+            throw MigrationError.step("destination: adopt QEMU \(state.qemuPid) (its engine still serves it)", error)
+        }
         succession = Mutex(state)
         Log.engine.info("destination: adopted QEMU \(state.qemuPid) of session \(state.session): \(present.count) pages already here")
         // RESUME may have happened while nobody watched QMP: then the guest runs, and the time is taken as now.
