@@ -84,6 +84,24 @@ import Testing
         #expect(row.contains("OK (digests)"), "guest verdict in: \(demo.stdout)")
     }
 
+    /// Host B's daemon is SIGKILLed in the middle of the push, after the switch: the guest runs there and its QEMU
+    /// lives on behind its keeper. The daemon started again must adopt it (QEMU by PID, the shim's userfaultfd,
+    /// the engine's port, the digests the dead engine recorded), serve the source again, and the migration must
+    /// end with every page matching the source at STOP and the guest's verdict OK.
+    @Test func aDestinationDaemonKilledMidPushIsAdoptedAndFinishes() throws {
+        let environment = ["EPCOPY_BIN": productsDirectory.appendingPathComponent("epcopy").path,
+                           "RATE": "200mbit", "KILL_DAEMON": "destination", "DEMO_MODES": "enlightened"]
+        let demo = try Spawned("demo-kill-b", "/bin/bash", ["\(Self.repository)/scripts/demo"], environment: environment)
+        let status = demo.wait(seconds: 600)
+        #expect(status == 0, "demo failed: \(demo.stdout)\n\(demo.stderr)")
+        #expect(demo.stdout.contains("killing host B's daemon"), "\(demo.stdout)")
+        #expect(demo.stdout.contains("adopted demo-enlightened: QEMU"), "\(demo.stdout)")
+        let row = demo.stdout.split(separator: "\n").first { $0.hasPrefix("enlightened") }.map(String.init) ?? ""
+        let fields = row.split(separator: " ", omittingEmptySubsequences: true)
+        #expect(fields.count >= 8 && fields[6] == "0", "mismatched pages in: \(demo.stdout)")
+        #expect(row.contains("OK (digests)"), "guest verdict in: \(demo.stdout)")
+    }
+
     /// A cancel before the switch (what Ctrl-C on `epcopy migrate` sends): the VM keeps running on the source,
     /// the destination holds nothing, and the migrate command fails with a message that says so.
     @Test func aCancelBeforeTheSwitchLeavesTheVMOnTheSource() throws {
