@@ -45,6 +45,8 @@ public final class Daemon: @unchecked Sendable {
     // SAFETY (@unchecked): `vms` is behind a Mutex; options are immutable.
     public let options: DaemonOptions
     let vms = Mutex<[String: QEMUProcess]>([:])
+    /// The record of each VM in `vms` that outlives the daemon (see DaemonVMs), by name.
+    let vmRecords = Mutex<[String: UInt64]>([:])
     private let busy = Mutex<Set<String>>([])
     /// The migrations this daemon is sending, by VM: what a cancel request acts on.
     private let cancels = Mutex<[String: MigrationCancel]>([:])
@@ -82,9 +84,9 @@ public final class Daemon: @unchecked Sendable {
 
     /// Kills every VM this daemon started.
     public func shutdown() {
-        let all = vms.withLock { v -> [QEMUProcess] in
+        let all = vms.withLock { v -> [String: QEMUProcess] in
             defer { v.removeAll() }
-            return Array(v.values)
+            return v
         }
         for keeper in keepers.withLock({ k in defer { k.removeAll() }; return Array(k.values) }) { _ = keeper.stop() }
         // A migration still arriving has its QEMU and RAM file here too; they go with the daemon like its VMs.
@@ -96,7 +98,11 @@ public final class Daemon: @unchecked Sendable {
             side.abandon()
             store.remove(DestinationSessionRecord.self, session: session)
         }
-        for vm in all { vm.kill(); vm.teardown() }
+        for (name, vm) in all {
+            vm.kill()
+            vm.teardown()
+            forgetVM(name)
+        }
     }
 
     /// Starts keeping VM `name`'s hot report fresh (see HotReportKeeper).
@@ -158,6 +164,7 @@ public final class Daemon: @unchecked Sendable {
             _ = stopKeeping(name)
             vm.kill()
             vm.teardown()
+            forgetVM(name)
             return .ok
         case .vmSerial(let name):
             let name = try Self.validName(name)
@@ -212,13 +219,13 @@ public final class Daemon: @unchecked Sendable {
         var spec = try Self.validSpec(spec)
         spec.name = name
         guard vms.withLock({ $0[name] == nil }) else { throw ControlError.remote("a VM named \(name) already runs here") }
-        var config = spec.config(name: "\(options.instance)-\(name)", deadlineSeconds: options.vmDeadlineSeconds)
-        config.forwardHost = options.listen.host
+        let config = vmConfig(spec, name: name)
         let vm: QEMUProcess
         do { vm = try QEMUProcess.launch(config, connectTimeout: .seconds(30)) } catch {
             throw ControlError.remote("start VM \(name): \(error)")
         }
         vms.withLock { $0[name] = vm }
+        recordVM(name, vm)
         keepHotReport(name, vm)
         logger.info("started VM \(name) (pid \(vm.pid), \(spec.memoryMiB) MiB)")
         return .started(name: name, pid: vm.pid, ramFile: config.ramFile)
@@ -272,25 +279,30 @@ public final class Daemon: @unchecked Sendable {
         spec.name = name
         let (uri, engine) = try peer.prepare(IncomingRequest(spec: spec, session: session, options: request.options))
         logger.info("migrating \(name) to \(to) (\(migration.mode.rawValue)), QEMU stream \(uri)")
+        // On record from here: if this daemon dies before the switch, its successor calls the destination off
+        // (the VM, taken back, runs here); after it, the successor finishes the push.
+        let switchRecord = engine.map {
+            SourceSessionRecord(session: session, vmName: name, ramFile: vm.config.ramFile,
+                                regionPages: vm.config.regionPages, engine: "\($0)", destinationDaemon: "\(to)",
+                                options: request.options, stopTimestamp: 0, counterBefore: nil)
+        }
+        if let switchRecord { record(switchRecord) }
 
         let outcome: SourceOutcome
         do {
             // Progress lines go to the client while the migration runs; the result line ends the request.
             let client = channel
-            let switchRecord = engine.map {
-                SourceSessionRecord(session: session, vmName: name, ramFile: vm.config.ramFile,
-                                    regionPages: vm.config.regionPages, engine: "\($0)", destinationDaemon: "\(to)",
-                                    options: request.options, stopTimestamp: 0, counterBefore: nil)
-            }
             outcome = try SourceSide.migrate(source: vm, mode: migration.mode, session: session, destinationURI: uri,
                                              engineEndpoint: engine, options: migration, cancel: cancel,
                                              progress: { progress in try? client.send(ControlReply.progress(progress)) },
                                              fenced: { [self] stop, counter in switchRecord.map { save(switched: $0, stop, counter) } })
         } catch MigrationError.cancelled {
             peer.abort()
+            store.remove(SourceSessionRecord.self, session: session)
             throw ControlError.remote("the migration of \(name) was cancelled before the switch; it keeps running here")
         } catch {
             peer.abort()
+            store.remove(SourceSessionRecord.self, session: session)
             if vm.isRunning, (try? vm.qmp.execute("query-status", timeout: .seconds(5)))?["status"]?.stringValue == "running" {
                 throw ControlError.remote("migration of \(name) failed before the switch; it keeps running here: \(error)")
             }
@@ -298,6 +310,7 @@ public final class Daemon: @unchecked Sendable {
         }
         switched = true
         vms.withLock { _ = $0.removeValue(forKey: name) }
+        forgetVM(name)
         // Every page is at the destination: nothing left that a restart would have to finish.
         store.remove(SourceSessionRecord.self, session: session)
         return .result(try peer.finish(outcome))
@@ -308,6 +321,11 @@ public final class Daemon: @unchecked Sendable {
         var record = record
         record.stopTimestamp = stop
         record.counterBefore = counter
+        record.switched = true
+        self.record(record)
+    }
+
+    private func record(_ record: SourceSessionRecord) {
         do { try store.save(record) } catch {
             logger.error("could not record the migration of \(record.vmName) in \(options.stateDirectory): \(error); if this daemon dies before the push ends, the migration cannot be resumed")
         }

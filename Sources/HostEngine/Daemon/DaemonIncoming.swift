@@ -20,6 +20,7 @@ extension Daemon {
         let migration = try migrationOptions(request.options)
         guard vms.withLock({ $0[name] == nil }) else { throw ControlError.remote("a VM named \(name) already runs here") }
         let qemuName = "\(options.instance)-\(name)"
+        try supersede(qemuName, by: request.session)
         let survival = DestinationSide.Survival(digestsFile: "/dev/shm/epcopy-\(qemuName).digests") { [self] succession in
             record(DestinationSessionRecord(vmName: name, options: request.options, succession: succession))
         }
@@ -127,6 +128,27 @@ extension Daemon {
         }
     }
 
+    /// A new migration of a VM whose earlier one is still arriving here: an earlier one that never switched was
+    /// given up by its source (which is starting over: before the switch the source decides), so it is called off
+    /// now instead of at the end of its patience; one whose guest runs here is never given up.
+    private func supersede(_ qemuName: String, by session: UInt64) throws {
+        let earlier = incomingSides.withLock { $0.filter { $0.value.qemu.config.name == qemuName } }
+        for (old, side) in earlier {
+            guard !side.hasResumed else {
+                throw ControlError.remote("an earlier migration of this VM (session \(old)) has switched and is still arriving here")
+            }
+            logger.warning("session \(old): superseded by session \(session) of the same VM before its switch; calling it off")
+            _ = rejoins.withLock { $0[old] }?.deliver(.abort)
+        }
+        let deadline = monotonicNanos() + 30_000_000_000
+        var gone = earlier.isEmpty
+        while !gone, monotonicNanos() < deadline {
+            usleep(50_000)
+            gone = incomingSides.withLock { sides in !earlier.keys.contains { sides[$0] != nil } }
+        }
+        guard gone else { throw ControlError.remote("an earlier migration of this VM is still being torn down here") }
+    }
+
     /// Writes a destination record; a failure costs only the ability to carry on after a restart.
     private func record(_ record: DestinationSessionRecord) {
         do { try store.save(record) } catch {
@@ -216,6 +238,7 @@ extension Daemon {
     /// The VM lives here now.
     private func keep(_ name: String, _ destination: DestinationSide) {
         vms.withLock { $0[name] = destination.qemu }
+        recordVM(name, destination.qemu)
         keepHotReport(name, destination.qemu)
     }
 }

@@ -9,10 +9,13 @@ import Foundation
 extension Daemon {
     /// Takes up every recorded migration; called once, before the daemon serves anyone.
     func resumeSwitchedMigrations() {
-        let (records, complaints) = store.sourceRecords()
+        let (all, complaints) = store.sourceRecords()
         for complaint in complaints { logger.error("\(complaint)") }
+        let records = all.filter(\.switched)
+        let running = adoptVMs(fenced: Set(records.map(\.vmName)))
         let adopted = adoptIncomingMigrations()
-        removeOrphanedRAMFiles(keeping: Set(records.map(\.ramFile)).union(adopted))
+        removeOrphanedRAMFiles(keeping: Set(records.map(\.ramFile)).union(adopted).union(running))
+        for record in all where !record.switched { callOff(record) }
         for record in records {
             let waiter = ControlRejoin()
             resumptions.withLock { $0[record.vmName] = waiter }
@@ -25,9 +28,28 @@ extension Daemon {
         }
     }
 
-    /// RAM files (and digest tables) of this daemon's VMs that died with a previous daemon (their QEMUs are bound
-    /// to it), except those a record still needs: nothing else can use them, and each holds a guest's worth of
-    /// host memory.
+    /// A migration the previous daemon had prepared and not switched: the VM still runs here (taken back), so the
+    /// destination is told to give its side up. Its own patience would do it too, but only after the reconnect
+    /// deadline, holding a VM's worth of memory meanwhile. A VM that is not running here is left alone: the
+    /// migration may have switched a moment before the previous daemon died.
+    private func callOff(_ record: SourceSessionRecord) {
+        store.remove(SourceSessionRecord.self, session: record.session)
+        let running = vms.withLock { $0[record.vmName] }.map {
+            (try? $0.qmp.execute("query-status", timeout: .seconds(5)))?["status"]?.stringValue == "running"
+        } ?? false
+        guard running, let peer = Endpoint(record.destinationDaemon) else {
+            logger.error("the migration of \(record.vmName) (session \(record.session)) that a previous daemon was sending had not switched as far as its record says, but the VM does not run here: it is left as it is")
+            return
+        }
+        logger.warning("calling off the migration of \(record.vmName) (session \(record.session)) that a previous daemon had not switched: the VM keeps running here")
+        let link = PeerDaemonLink(nil, endpoint: peer, key: options.key, session: record.session,
+                                  reconnectMillis: 10_000, logger: logger)
+        let thread = JoinableThread(name: "epcopy-calloff") { link.abort() }
+        _ = thread  // ends on its own
+    }
+
+    /// RAM files (and digest tables) of this daemon's VMs that died with a previous daemon, except those a record
+    /// or a VM taken back still needs: nothing else can use them, and each holds a guest's worth of host memory.
     private func removeOrphanedRAMFiles(keeping needed: Set<String>) {
         let prefix = "epcopy-\(options.instance)-"
         guard let names = try? FileManager.default.contentsOfDirectory(atPath: "/dev/shm") else { return }

@@ -1,8 +1,10 @@
 // SessionStore: the migrations a daemon must be able to finish after it was killed, on disk. One JSON file per
 // session under the daemon's state directory, written atomically (a temporary file, fsync, rename, fsync of
 // the directory), so a restarted daemon finds either the whole record or the previous one, never half. The
-// source writes its record at the switch (from STOP its RAM file is the only copy of what has not moved) and
-// removes it once the destination has every page; a restarted source daemon takes up every record it finds.
+// source writes its record when the destination has prepared and again at the switch (from STOP its RAM file is
+// the only copy of what has not moved), and removes it once the destination has every page; a restarted source
+// daemon calls off the migrations that had not switched and takes up those that had. VMs are on record too
+// (VMRecord, DaemonVMs).
 // The destination writes its record when it has prepared (its QEMU outlives the daemon) and again at RESUME
 // and after the free scan; a restarted destination daemon adopts the QEMU and carries on receiving.
 // Records are untrusted input like any other: a file that does not decode is set aside, not acted on.
@@ -13,7 +15,7 @@ import Foundation
 import Glibc
 #endif
 
-/// What a restarted source daemon needs to finish a migration it had switched.
+/// What a restarted source daemon needs to finish a migration it had switched (or to call off one it had not).
 public struct SourceSessionRecord: Codable, Sendable, Equatable {
     public var session: UInt64
     public var vmName: String
@@ -28,6 +30,8 @@ public struct SourceSessionRecord: Codable, Sendable, Equatable {
     /// resumed migration's T_release counts from STOP) and the guest's counter before the switch.
     public var stopTimestamp: Double
     public var counterBefore: Int?
+    /// False from prepare to STOP: a successor then calls the destination off and keeps the VM; true from STOP.
+    public var switched: Bool
 
     public init(session: UInt64, vmName: String, ramFile: String, regionPages: UInt64, engine: String,
                 destinationDaemon: String, options: MigrationRequestOptions, stopTimestamp: Double, counterBefore: Int?) {
@@ -40,6 +44,7 @@ public struct SourceSessionRecord: Codable, Sendable, Equatable {
         self.options = options
         self.stopTimestamp = stopTimestamp
         self.counterBefore = counterBefore
+        switched = stopTimestamp > 0
     }
 }
 

@@ -174,10 +174,18 @@ public final class QMPClient: @unchecked Sendable {
     /// (e.g. a MIGRATION event whose status is "completed").
     public func waitForEvent(_ name: String, timeout: Duration, after: UInt64? = nil,
                              where predicate: (QMPEvent) -> Bool) throws(QMPError) -> QMPEvent {
+        try waitForEvent(among: [name], timeout: timeout, after: after, where: predicate)
+    }
+
+    /// The first event called one of `names` (and satisfying `predicate`), as `waitForEvent(_:timeout:after:)`:
+    /// e.g. STOP, or a MIGRATION event saying the migration failed before it.
+    public func waitForEvent(among names: Set<String>, timeout: Duration, after: UInt64? = nil,
+                             where predicate: (QMPEvent) -> Bool) throws(QMPError) -> QMPEvent {
         let deadline = monotonicNanos() + HypervisorTime.nanoseconds(timeout)
-        return try inbox.wait(step: "waiting for event \(name)", deadline: deadline, timeout: timeout) { state in
+        let step = "waiting for event " + names.sorted().joined(separator: " or ")
+        return try inbox.wait(step: step, deadline: deadline, timeout: timeout) { state in
             state.events.first { event in
-                event.name == name && event.receivedNanos > (after ?? 0) && predicate(event)
+                names.contains(event.name) && event.receivedNanos > (after ?? 0) && predicate(event)
             }
         }
     }

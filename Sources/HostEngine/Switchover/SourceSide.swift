@@ -102,7 +102,17 @@ public final class SourceSide {
         do {
             _ = try source.qmp.execute("migrate", arguments: ["uri": .string(destinationURI)], timeout: .seconds(10))
             if mode == .postcopy { _ = try source.qmp.execute("migrate-start-postcopy", timeout: .seconds(10)) }
-            stop = try source.qmp.waitForEvent("STOP", timeout: .seconds(600), after: switchStart)
+            // QEMU's stream may fail before STOP (its connection to the destination refused, timed out or reset):
+            // then STOP never comes, and the VM keeps running here.
+            let event = try source.qmp.waitForEvent(among: ["STOP", "MIGRATION"], timeout: .seconds(600),
+                                                    after: switchStart) {
+                $0.name == "STOP" || ["failed", "cancelled"].contains($0.data["status"]?.stringValue ?? "")
+            }
+            guard event.name == "STOP" else {
+                let why = (try? source.qmp.execute("query-migrate", timeout: .seconds(5)))?["error-desc"]?.stringValue
+                throw MigrationError.failed("QEMU's migration stream to the destination \(event.data["status"]?.stringValue ?? "ended") before STOP" + (why.map { ": \($0)" } ?? ""))
+            }
+            stop = event
         } catch {
             // Before STOP nothing has moved: the source keeps running (cancel in case QEMU started), and the
             // engine sends nothing of a VM that still runs.
