@@ -1,6 +1,6 @@
 // `epcopy bench faults`: the failure bench (Workloads/bench/faults.py) with this binary as the epcopy it
 // drives. Each run is a real migration of a freshly booted guest between `make demo`'s two hosts with one
-// failure injected after the switch, verified page by page; the harness is a script because it drives the
+// failure injected (before STOP, right after it, or in the push), verified page by page; the harness is a script because it drives the
 // demo's processes and namespaces, all recovery logic stays in the engines and daemons it exercises.
 
 import ArgumentParser
@@ -13,15 +13,18 @@ struct BenchFaults: ParsableCommand {
         discussion: """
             Each run: fresh hosts (two network namespaces + veth shaped to --rate, one epcopy daemon each), the \
             512 MiB test guest booted on host A and migrated (enlightened, --verify) to host B, and one failure \
-            at a random point of the push: a black hole (host A's veth down 0.2-10 s), a reset of every \
-            connection between the hosts, or host A's daemon SIGKILLed and started again. Before them, \
+            at a random point (one in ten before STOP, one in ten right after it, the rest in the push): a black \
+            hole (host A's veth down 0.2-10 s), a reset of every connection between the hosts, a black hole then \
+            a reset during the recovery, or either host's daemon SIGKILLed and started again (half of the kills \
+            during a black hole). A failure before the switch must leave the VM running on host A; it is then \
+            migrated again (retried). Before them, \
             --baseline runs without a failure give the T_release that extra_ms is measured against. Prints \
             runs, recovered, vm_lost, mismatched_pages, guest_corrupt, extra_ms_p50, extra_ms_max, noticed and \
             per_run (--json: one object). --qemu-postcopy runs the same failures against QEMU's own postcopy. \
             About 20-30 s per run on 2 cores. Needs root and the test guest (make guest).
             """)
-    @Option(help: "Link cuts (half black holes, half resets, at random).") var cuts = 4
-    @Option(help: "Source daemon kills.") var kills = 2
+    @Option(help: "Link cuts (black holes, resets, and a black hole then a reset, at random).") var cuts = 4
+    @Option(help: "Daemon kills (source, destination, each alone and during a black hole, in turn).") var kills = 4
     @Option(help: "Seed for the failure plan (default: random, printed).") var seed: Int?
     @Option(help: "Runs without a failure, for extra_ms.") var baseline = 2
     @Option(help: "Link rate (tc tbf).") var rate = "200mbit"

@@ -38,6 +38,25 @@ import Testing
         #expect(store.sourceRecords().records == [record(43)])
     }
 
+    /// A VM's record and a migration's are filed apart: neither kind reads the other's files, and a record saved
+    /// before the switch reads back as not switched (a successor calls that migration off, it never resumes it).
+    @Test func kindsAreKeptApartAndAnUnswitchedRecordSaysSo() throws {
+        let store = SessionStore(directory: directory())
+        defer { try? FileManager.default.removeItem(atPath: store.directory) }
+        let spec = VMSpec(name: "web-1", memoryMiB: 512, kernel: "/k", initrd: "/i", append: nil, accel: "tcg")
+        let vm = VMRecord(session: 9, name: "web-1", spec: spec, qemuPid: 4242)
+        try store.save(vm)
+        try store.save(record(9, stop: 0))
+        #expect(store.records(VMRecord.self).records == [vm])
+        let sessions = store.sourceRecords().records
+        #expect(sessions.map(\.session) == [9] && sessions.allSatisfy { !$0.switched })
+        #expect(store.records(VMRecord.self).complaints.isEmpty && store.sourceRecords().complaints.isEmpty)
+        store.remove(VMRecord.self, session: 9)
+        #expect(store.records(VMRecord.self).records.isEmpty)
+        #expect(store.sourceRecords().records.count == 1)
+        #expect(record(10).switched)
+    }
+
     @Test func aFileThatIsNotARecordIsSetAsideNotUsed() throws {
         let store = SessionStore(directory: directory())
         defer { try? FileManager.default.removeItem(atPath: store.directory) }

@@ -96,7 +96,7 @@ public final class Daemon: @unchecked Sendable {
         }
         for (session, side) in arriving {
             side.abandon()
-            store.remove(DestinationSessionRecord.self, session: session)
+            forget(session, side)  // its record and digest table
         }
         for (name, vm) in all {
             vm.kill()

@@ -157,7 +157,7 @@ extension Daemon {
     }
 
     /// The migration is over here (received, kept or given up): nothing a restart would carry on.
-    private func forget(_ session: UInt64, _ destination: DestinationSide) {
+    func forget(_ session: UInt64, _ destination: DestinationSide) {
         _ = incomingSides.withLock { $0.removeValue(forKey: session) }
         store.remove(DestinationSessionRecord.self, session: session)
         if let digests = destination.currentSuccession?.digestsFile { unlink(digests) }
