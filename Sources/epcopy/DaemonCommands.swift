@@ -59,9 +59,11 @@ struct Serve: ParsableCommand {
             + "page flags.", valueName: "seconds"))
     var hotReportEvery: Double = 10
     @Option(help: ArgumentHelp(
-        "Where migrations past their switch are recorded (default: /var/lib/epcopy/<instance>).",
-        discussion: "A daemon restarted with the same directory finishes every migration it finds there: the "
-            + "fenced RAM file still holds what the destination lacks.", valueName: "dir"))
+        "Where this daemon's VMs and migrations are recorded (default: /var/lib/epcopy/<instance>).",
+        discussion: "Its VMs outlive the daemon (each QEMU runs behind a keeper that holds --vm-deadline). A daemon "
+            + "restarted with the same directory takes them back, finishes every switched migration it finds there "
+            + "(the fenced RAM file still holds what the destination lacks), calls off those that had not switched, "
+            + "and adopts the QEMUs of migrations it was receiving.", valueName: "dir"))
     var stateDir: String?
     @OptionGroup var link: LinkOptions
 
@@ -197,10 +199,13 @@ struct Migrate: ParsableCommand {
             it holds, and the transfer goes on. The progress line shows the outage; --json reports link_losses, \
             recovered and paused_ms.
 
-            If the source daemon itself dies after the switch (SIGKILL, a crash), restart it: it finds the \
-            migration in its --state-dir and sends the destination the rest from the fenced RAM file, and the \
-            destination daemon waits for it meanwhile. `epcopy migrate NAME --resume` on the restarted daemon \
-            prints the result as this command would have.
+            If a daemon itself dies (SIGKILL, a crash), restart it with the same --state-dir: the VMs outlive \
+            it. A source daemon takes its VMs back; a migration that had switched goes on from the fenced RAM \
+            file (the destination waits for it meanwhile), and `epcopy migrate NAME --resume` on the restarted \
+            daemon prints the result as this command would have; one that had not is called off and the VM \
+            keeps running on the source. A destination daemon adopts the QEMU it was receiving (and its \
+            userfaultfd) and the transfer goes on. A failure before the switch leaves the VM where it runs, and \
+            this command says so: run it again.
 
             What cannot be recovered: the source host itself lost (power, kernel panic) after the switch and \
             before T_release. Its RAM file holds the only copy of the pages not yet moved, so the VM is lost; \
