@@ -64,6 +64,12 @@ demo: deps guest
 	@scripts/demo
 .PHONY: demo
 
+# The demo's hosts and a VM, held for trying things by hand (it prints the commands); Ctrl-C tears them down.
+demo-hosts: deps guest
+	$(SWIFT) build -c release
+	@DEMO_HOLD=1 scripts/demo
+.PHONY: demo-hosts
+
 # The in-guest agent as a static binary (glibc linked in, no Swift runtime needed in the guest). Its own build
 # directory, so the flag does not force the host build to relink.
 AGENT_BIN := .build/static/release/epcopy-agent

@@ -41,12 +41,18 @@ struct Serve: ParsableCommand {
         discussion: """
             One daemon per host. Every peer and client must prove it holds the shared key (HMAC-SHA256 \
             challenge-response); others are refused. VMs started through the daemon are bounded by \
-            --vm-deadline and killed when the daemon exits.
+            --vm-deadline and killed when the daemon exits on SIGTERM or SIGINT; a daemon that dies otherwise \
+            (SIGKILL, a crash) leaves them running for the next one started with the same --state-dir.
             """
     )
 
     @Option(help: "Address to listen on, IPv4-ADDRESS:PORT (migrations to this host use the same address).")
     var listen = "127.0.0.1:7470"
+    @Option(name: .customLong("also-listen"), help: ArgumentHelp(
+        "Another address of this host to accept peers and clients on, IPv4-ADDRESS:PORT (repeatable).",
+        discussion: "A second network path: a source whose link to --listen broke can be sent here by hand "
+            + "(`epcopy migrate NAME --resume --to ADDR` on the source host)."))
+    var alsoListen: [String] = []
     @Option(help: "The shared key file (at least 16 bytes).") var keyFile: String
     @Option(help: "Seconds after which a VM started here is killed.") var vmDeadline: Double = 3600
     @Option(help: "Exit (killing this daemon's VMs) after this many seconds; default: run until SIGTERM.")
@@ -97,7 +103,13 @@ struct Serve: ParsableCommand {
         let serving = listener.endpoint  // the log message is an autoclosure: it must not capture the listener
         Log.logger("daemon").info("listening on \(serving)")
         let deadline = maxLifetime.map { Date().addingTimeInterval($0) }
-        daemon.serve(listener: listener, shouldStop: { stop.isSet || deadline.map { Date() > $0 } ?? false })
+        let shouldStop: @Sendable () -> Bool = { stop.isSet || deadline.map { Date() > $0 } ?? false }
+        for text in alsoListen {
+            let also = try parseEndpoint(text, option: "--also-listen")
+            do { try daemon.serveAlso(on: also, shouldStop: shouldStop) } catch { throw CLIError("listen on \(also): \(error)") }
+            Log.logger("daemon").info("listening on \(also) too")
+        }
+        daemon.serve(listener: listener, shouldStop: shouldStop)
         withExtendedLifetime(sources) {}
     }
 }
@@ -207,6 +219,11 @@ struct Migrate: ParsableCommand {
             userfaultfd) and the transfer goes on. A failure before the switch leaves the VM where it runs, and \
             this command says so: run it again.
 
+            When the destination host has another address (a second path; its daemon started with \
+            --also-listen), a switched migration whose link is down can be sent there by hand: \
+            `epcopy migrate NAME --resume --to ADDR:PORT` redirects the engines and the control link at once \
+            (the reconnect deadline starts again) and waits for the result.
+
             What cannot be recovered: the source host itself lost (power, kernel panic) after the switch and \
             before T_release. Its RAM file holds the only copy of the pages not yet moved, so the VM is lost; \
             the exposure window is T_release, which every migration reports (t_release_ms).
@@ -217,8 +234,8 @@ struct Migrate: ParsableCommand {
     @Flag(help: ArgumentHelp("Call off the migration of NAME that its daemon is sending, if it has not switched yet.",
                              discussion: "Ctrl-C on a running `epcopy migrate` does the same."))
     var cancel = false
-    @Flag(help: ArgumentHelp("Wait for the migration of NAME that its daemon took up again after a restart, and print its result.",
-                             discussion: "The other options are those the migration was started with; they are not needed here."))
+    @Flag(help: ArgumentHelp("Wait for the migration of NAME that its daemon sends (or took up again after a restart), and print its result.",
+                             discussion: "With --to, first send the switched migration to its destination at that address (another address of the same host). The other options are those the migration was started with; they are not needed here."))
     var resume = false
     @Option(help: "enlightened, postcopy or precopy.") var mode = "enlightened"
     @Flag(help: "Verify destination memory against the source at STOP.") var verify = false
@@ -241,6 +258,7 @@ struct Migrate: ParsableCommand {
             throw ValidationError("--keepalive-timeout-ms: 200...600000")
         }
         if cancel && resume { throw ValidationError("--cancel and --resume: one or the other") }
+        if resume, let to { _ = try parseEndpoint(to, option: "--to") }
         if cancel || resume { return }
         guard let to else { throw ValidationError("--to is required (or --cancel, or --resume)") }
         _ = try parseEndpoint(to, option: "--to")
@@ -253,6 +271,10 @@ struct Migrate: ParsableCommand {
             return
         }
         if resume {
+            if let to {
+                _ = try daemon.request(.redirect(name: name, to: to))
+                FileHandle.standardError.write(Data("redirected: the migration of \(name) reaches its destination at \(to) from now on\n".utf8))
+            }
             guard case .result(let result) = try daemon.request(.resume(name: name), timeoutMillis: 3_600_000) else {
                 throw CLIError("the daemon returned no result")
             }

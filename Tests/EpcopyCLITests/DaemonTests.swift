@@ -1,7 +1,8 @@
 // The daemons as an operator runs them: `make demo`'s script (two network namespaces, one daemon
 // each, one migration per mode of the 512 MiB test guest), the same hosts with the link cut in the middle
-// of the push (black hole, reset), and a peer that refuses (wrong key): the migration must fail before
-// the switch and leave the source VM running, untouched.
+// of the push (black hole, reset), either daemon SIGKILLed mid push and started again, a failure before
+// the switch (the VM must still run on its source and migrate again), a cancel, and a peer that refuses
+// (wrong key): the migration must fail before the switch and leave the source VM running, untouched.
 
 import EpcopyTestSupport
 import Foundation
@@ -9,6 +10,14 @@ import Testing
 
 @Suite(.serialized, .tier(.qemu), .requires(.testGuest), .requires(.namespaces)) struct DaemonTests {
     static let repository = Prerequisite.repository
+
+    /// The demo table's enlightened row: 0 mismatched pages, and the guest's verdict OK with digests compared.
+    private func expectVerifiedEnlightenedRow(_ stdout: String, sourceLocation: SourceLocation = #_sourceLocation) {
+        let row = stdout.split(separator: "\n").first { $0.hasPrefix("enlightened") }.map(String.init) ?? ""
+        let fields = row.split(separator: " ", omittingEmptySubsequences: true)
+        #expect(fields.count >= 8 && fields[6] == "0", "mismatched pages in: \(stdout)", sourceLocation: sourceLocation)
+        #expect(row.contains("OK (digests)"), "guest verdict in: \(stdout)", sourceLocation: sourceLocation)
+    }
 
     @Test func theDemoMigratesTheGuestOnceInEachModeAcrossNamespaces() throws {
         let demo = try Spawned("demo", "/bin/bash", ["\(Self.repository)/scripts/demo"],
@@ -50,10 +59,7 @@ import Testing
         ])
         let status = demo.wait(seconds: 600)
         #expect(status == 0, "demo failed: \(demo.stdout)\n\(demo.stderr)")
-        let row = demo.stdout.split(separator: "\n").first { $0.hasPrefix("enlightened") }.map(String.init) ?? ""
-        let fields = row.split(separator: " ", omittingEmptySubsequences: true)
-        #expect(fields.count >= 8 && fields[6] == "0", "mismatched pages in: \(demo.stdout)")
-        #expect(row.contains("OK (digests)"), "guest verdict in: \(demo.stdout)")
+        expectVerifiedEnlightenedRow(demo.stdout)
         #expect(demo.stdout.contains(cut == "reset" ? "resetting every connection to host B" : "link up again"))
         #expect(demo.stdout.contains("recovered by itself"), "the link loss was not seen or not recovered: \(demo.stdout)")
         if cut == "reset" {
@@ -78,10 +84,7 @@ import Testing
         #expect(demo.stdout.contains(outage.isEmpty ? "killing host A's daemon" : "killing host A's daemon during the outage"),
                 "\(demo.stdout)")
         #expect(demo.stdout.contains("taking up the migration of demo-enlightened"), "\(demo.stdout)")
-        let row = demo.stdout.split(separator: "\n").first { $0.hasPrefix("enlightened") }.map(String.init) ?? ""
-        let fields = row.split(separator: " ", omittingEmptySubsequences: true)
-        #expect(fields.count >= 8 && fields[6] == "0", "mismatched pages in: \(demo.stdout)")
-        #expect(row.contains("OK (digests)"), "guest verdict in: \(demo.stdout)")
+        expectVerifiedEnlightenedRow(demo.stdout)
     }
 
     /// Host B's daemon is SIGKILLed in the middle of the push, after the switch: the guest runs there and its QEMU
@@ -96,10 +99,7 @@ import Testing
         #expect(status == 0, "demo failed: \(demo.stdout)\n\(demo.stderr)")
         #expect(demo.stdout.contains("killing host B's daemon"), "\(demo.stdout)")
         #expect(demo.stdout.contains("adopted demo-enlightened: QEMU"), "\(demo.stdout)")
-        let row = demo.stdout.split(separator: "\n").first { $0.hasPrefix("enlightened") }.map(String.init) ?? ""
-        let fields = row.split(separator: " ", omittingEmptySubsequences: true)
-        #expect(fields.count >= 8 && fields[6] == "0", "mismatched pages in: \(demo.stdout)")
-        #expect(row.contains("OK (digests)"), "guest verdict in: \(demo.stdout)")
+        expectVerifiedEnlightenedRow(demo.stdout)
     }
 
     /// Before STOP — as soon as the destination's QEMU exists — host A's daemon is SIGKILLed, or host A's veth goes
@@ -119,10 +119,22 @@ import Testing
             #expect(demo.stdout.contains("took back VM demo-enlightened"), "\(demo.stdout)")
             #expect(demo.stdout.contains("still runs on host A, its memory tester going on"), "\(demo.stdout)")
         }
-        let row = demo.stdout.split(separator: "\n").first { $0.hasPrefix("enlightened") }.map(String.init) ?? ""
-        let fields = row.split(separator: " ", omittingEmptySubsequences: true)
-        #expect(fields.count >= 8 && fields[6] == "0", "mismatched pages in: \(demo.stdout)")
-        #expect(row.contains("OK (digests)"), "guest verdict in: \(demo.stdout)")
+        expectVerifiedEnlightenedRow(demo.stdout)
+    }
+
+    /// Two paths between the hosts. Mid push host A's first link goes down for good; 3 s later the operator sends the
+    /// migration to host B's other address (`migrate NAME --resume --to`). The engines and the control link must
+    /// move there and the migration end — seen by both the migrate command that started it and the one that
+    /// redirected it — with every page matching and the guest's verdict OK.
+    @Test func aPausedMigrationIsSentByHandToAnotherAddressOfItsDestination() throws {
+        let environment = ["EPCOPY_BIN": productsDirectory.appendingPathComponent("epcopy").path,
+                           "RATE": "200mbit", "REROUTE": "3", "DEMO_MODES": "enlightened"]
+        let demo = try Spawned("demo-reroute", "/bin/bash", ["\(Self.repository)/scripts/demo"], environment: environment)
+        let status = demo.wait(seconds: 600)
+        #expect(status == 0, "demo failed: \(demo.stdout)\n\(demo.stderr)")
+        #expect(demo.stdout.contains("the rerouted migration ended: 0 mismatched pages, guest OK"), "\(demo.stdout)")
+        #expect(demo.stdout.contains("recovered by itself"), "\(demo.stdout)")
+        expectVerifiedEnlightenedRow(demo.stdout)
     }
 
     /// A cancel before the switch (what Ctrl-C on `epcopy migrate` sends): the VM keeps running on the source,

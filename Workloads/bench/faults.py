@@ -165,7 +165,7 @@ def campaign(args, mode, runs, log):
     return {
         "mode": mode,
         "runs": len(per_run),
-        "cuts": sum(1 for r in per_run if r["kind"] in ("blackhole", "reset")),
+        "cuts": sum(1 for r in per_run if not r["kind"].startswith("kill")),
         "kills": sum(1 for r in per_run if r["kind"].startswith("kill")),
         "retried": sum(1 for r in per_run if r["retried"]),
         "recovered": sum(1 for r in per_run if r["recovered"]),

@@ -70,6 +70,10 @@ public final class ControlChannel: @unchecked Sendable {
         }
     }
 
+    /// Ends the connection both ways from any thread: a receive blocked on it (on another thread) fails at
+    /// once, as on a lost connection. The descriptor stays open until the channel goes.
+    public func shutDown() { _ = Glibc.shutdown(peer.descriptor.rawValue, Int32(SHUT_RDWR)) }
+
     public func send(_ request: ControlRequest) throws { try sendLine(request) }
     public func send(_ reply: ControlReply) throws { try sendLine(reply) }
 

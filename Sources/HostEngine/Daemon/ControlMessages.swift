@@ -14,9 +14,12 @@ public enum ControlRequest: Codable, Sendable {
     case migrate(MigrateRequest)
     /// Client → source daemon: call off the migration of VM `name` if it has not switched yet.
     case cancel(name: String)
-    /// Client → source daemon: wait for the migration of VM `name` that this daemon took up again after it
-    /// was restarted past the switch (answered with `result`).
+    /// Client → source daemon: wait for the migration of VM `name` that this daemon sends, or took up again
+    /// after it was restarted past the switch (answered with `result`; the last one's, once it has ended).
     case resume(name: String)
+    /// Client → source daemon: the destination of the switched migration of VM `name` is reached at `to` from
+    /// now on (another address of the same daemon's host): the engines and the control link go there.
+    case redirect(name: String, to: String)
     /// Source daemon → destination daemon: prepare to receive (answered with `prepared`).
     case incoming(IncomingRequest)
     /// Source daemon → destination daemon, after the switch: what the source saw (answered with `result`).
@@ -38,6 +41,7 @@ public enum ControlRequest: Codable, Sendable {
         case .migrate: "migrate"
         case .cancel: "cancel"
         case .resume: "resume"
+        case .redirect: "redirect"
         case .incoming: "incoming"
         case .finish: "finish"
         case .abort: "abort"

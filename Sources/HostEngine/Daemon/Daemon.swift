@@ -54,8 +54,10 @@ public final class Daemon: @unchecked Sendable {
     /// The migrations this daemon receives (and the last few it received), by session: where a source whose
     /// control connection was lost delivers its finish or abort again (see ControlRejoin).
     let rejoins = Mutex<[UInt64: ControlRejoin]>([:])
-    /// Migrations this daemon took up again after a restart, by VM: what `migrate --resume` waits on.
+    /// Migrations this daemon sends or took up again after a restart, by VM: what `migrate --resume` waits on.
     let resumptions = Mutex<[String: ControlRejoin]>([:])
+    /// Where each migration this daemon sends reaches its destination (what `migrate --resume --to` changes).
+    let routes = Mutex<[String: MigrationRoute]>([:])
     /// Migrations being received here and not finished yet, by session: torn down with the daemon.
     let incomingSides = Mutex<[UInt64: DestinationSide]>([:])
     var store: SessionStore { SessionStore(directory: options.stateDirectory) }
@@ -72,6 +74,19 @@ public final class Daemon: @unchecked Sendable {
     /// Accepts connections until `shouldStop` returns true (checked every second).
     public func serve(listener: borrowing Listener, shouldStop: @escaping @Sendable () -> Bool = { false }) {
         resumeSwitchedMigrations()
+        acceptLoop(listener, shouldStop: shouldStop)
+        shutdown()
+    }
+
+    /// Accepts on another address of this host too (a second network path for peers and clients), on a thread
+    /// of its own, until `shouldStop`. Call before `serve`.
+    public func serveAlso(on endpoint: Endpoint, shouldStop: @escaping @Sendable () -> Bool) throws {
+        let holder = ListenerHolder(try TCP.listen(on: endpoint))
+        let thread = JoinableThread(name: "epcopy-listen") { [self] in acceptLoop(holder.listener, shouldStop: shouldStop) }
+        _ = thread  // ends with `shouldStop`
+    }
+
+    private func acceptLoop(_ listener: borrowing Listener, shouldStop: @Sendable () -> Bool) {
         while !shouldStop() {
             guard let fd = try? TCP.accept(listener, timeoutMillis: 1000) else { continue }
             // The descriptor crosses to the connection's thread as a raw number, owned again there.
@@ -79,7 +94,6 @@ public final class Daemon: @unchecked Sendable {
             let thread = JoinableThread(name: "epcopy-serve") { [self] in handle(FileDescriptor(adopting: raw)) }
             _ = thread  // detached in effect: each connection ends on its own
         }
-        shutdown()
     }
 
     /// Kills every VM this daemon started.
@@ -186,6 +200,7 @@ public final class Daemon: @unchecked Sendable {
         case .incoming(let incoming): return try self.incoming(incoming, channel: channel)
         case .finish, .abort: throw ControlError.protocolViolation("\(request.name) outside a migration")
         case .resume(let name): return try awaitResumed(try Self.validName(name))
+        case .redirect(let name, let to): return try redirect(try Self.validName(name), to: to)
         case .finishSession(let session, let source): return try rejoined(session, .finish(source))
         case .abortSession(let session): return try rejoined(session, .abort)
         }
@@ -254,14 +269,29 @@ public final class Daemon: @unchecked Sendable {
         return migration
     }
 
-    /// Source role: move VM `name` to the daemon at `to`.
+    /// Source role: move VM `name` to the daemon at `to`. `migrate NAME --resume` elsewhere hears the same result.
     private func migrateOut(_ request: MigrateRequest, channel: ControlChannel) throws -> ControlReply {
         let name = try Self.validName(request.name)
         guard let to = Endpoint(request.to) else { throw ControlError.remote("to must be IPv4-ADDRESS:PORT") }
-        var migration = try migrationOptions(request.options)
+        let migration = try migrationOptions(request.options)
         guard let vm = vms.withLock({ $0[name] }), vm.isRunning else { throw ControlError.remote("no running VM \(name) here") }
         guard busy.withLock({ $0.insert(name).inserted }) else { throw ControlError.remote("\(name) is already migrating") }
         defer { _ = busy.withLock { $0.remove(name) } }
+        let watcher = ControlRejoin()
+        resumptions.withLock { $0[name] = watcher }
+        do {
+            let reply = try send(vm, name: name, to: to, request: request, migration: migration, channel: channel)
+            if case .result(let result) = reply { watcher.finish(.success(result)) }
+            return reply
+        } catch {
+            watcher.finish(.failure(error as? ControlError ?? .remote("\(error)")))
+            throw error
+        }
+    }
+
+    private func send(_ vm: QEMUProcess, name: String, to: Endpoint, request: MigrateRequest,
+                      migration: MigrationOptions, channel: ControlChannel) throws -> ControlReply {
+        var migration = migration
         let cancel = MigrationCancel()
         cancels.withLock { $0[name] = cancel }
         defer { _ = cancels.withLock { $0.removeValue(forKey: name) } }
@@ -287,6 +317,9 @@ public final class Daemon: @unchecked Sendable {
                                 options: request.options, stopTimestamp: 0, counterBefore: nil)
         }
         if let switchRecord { record(switchRecord) }
+        let route = engine.map { MigrationRoute(peer: peer, enginePort: $0.port) }
+        if let route { routes.withLock { $0[name] = route } }
+        defer { if route != nil { _ = routes.withLock { $0.removeValue(forKey: name) } } }
 
         let outcome: SourceOutcome
         do {
@@ -295,17 +328,20 @@ public final class Daemon: @unchecked Sendable {
             outcome = try SourceSide.migrate(source: vm, mode: migration.mode, session: session, destinationURI: uri,
                                              engineEndpoint: engine, options: migration, cancel: cancel,
                                              progress: { progress in try? client.send(ControlReply.progress(progress)) },
-                                             fenced: { [self] stop, counter in switchRecord.map { save(switched: $0, stop, counter) } })
+                                             fenced: { [self] stop, counter in switchRecord.map { save(switched: $0, stop, counter) } },
+                                             engineStarted: { route?.attach($0) })
         } catch MigrationError.cancelled {
             peer.abort()
             store.remove(SourceSessionRecord.self, session: session)
             throw ControlError.remote("the migration of \(name) was cancelled before the switch; it keeps running here")
         } catch {
             peer.abort()
-            store.remove(SourceSessionRecord.self, session: session)
             if vm.isRunning, (try? vm.qmp.execute("query-status", timeout: .seconds(5)))?["status"]?.stringValue == "running" {
+                store.remove(SourceSessionRecord.self, session: session)
                 throw ControlError.remote("migration of \(name) failed before the switch; it keeps running here: \(error)")
             }
+            // After the switch the record stays: the fenced RAM file holds what the destination lacks, and a
+            // restarted daemon takes the push up again.
             throw ControlError.remote("migration of \(name) failed: \(error)")
         }
         switched = true
@@ -314,6 +350,26 @@ public final class Daemon: @unchecked Sendable {
         // Every page is at the destination: nothing left that a restart would have to finish.
         store.remove(SourceSessionRecord.self, session: session)
         return .result(try peer.finish(outcome))
+    }
+
+    /// `migrate NAME --resume --to ADDR`: the switched migration of `name` reaches its destination at `to` from now
+    /// on (the same daemon's host by another address); on record too, for a successor of this daemon.
+    private func redirect(_ name: String, to text: String) throws -> ControlReply {
+        guard let to = Endpoint(text) else { throw ControlError.remote("to must be IPv4-ADDRESS:PORT") }
+        guard let route = routes.withLock({ $0[name] }) else {
+            throw ControlError.remote("no migration of \(name) is under way here in enlightened mode")
+        }
+        guard var record = store.sourceRecords().records.first(where: { $0.session == route.peer.session }),
+              record.switched else {
+            throw ControlError.remote("the migration of \(name) has not switched: call it off (migrate \(name) --cancel) "
+                + "and migrate it again to \(to)")
+        }
+        let engine = route.redirect(to: to)
+        record.engine = "\(engine)"
+        record.destinationDaemon = "\(to)"
+        self.record(record)
+        logger.warning("the migration of \(name) is redirected by hand: its destination is reached at \(to) (engine \(engine)) from now on")
+        return .ok
     }
 
     /// The switch happened: from here a crash of this daemon must not lose the VM, so the migration is on disk.

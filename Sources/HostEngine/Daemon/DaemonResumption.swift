@@ -63,12 +63,15 @@ extension Daemon {
     private func resume(_ record: SourceSessionRecord) -> Result<MigrationResult, ControlError> {
         do {
             let migration = try migrationOptions(record.options)
-            guard let peer = Endpoint(record.destinationDaemon) else {
-                throw ControlError.remote("the record names no destination daemon (\(record.destinationDaemon))")
+            guard let peer = Endpoint(record.destinationDaemon), let engine = Endpoint(record.engine) else {
+                throw ControlError.remote("the record names no destination daemon or engine (\(record.destinationDaemon), \(record.engine))")
             }
-            let outcome = try SourceResumption.run(record, options: migration)
             let link = PeerDaemonLink(nil, endpoint: peer, key: options.key, session: record.session,
                                       reconnectMillis: Int(migration.reconnectTimeoutMillis), logger: logger)
+            let route = MigrationRoute(peer: link, enginePort: engine.port)
+            routes.withLock { $0[record.vmName] = route }
+            defer { _ = routes.withLock { $0.removeValue(forKey: record.vmName) } }
+            let outcome = try SourceResumption.run(record, options: migration, engineStarted: { route.attach($0) })
             let result = try link.finish(outcome)
             let downtime = String(format: "%.1f", result.downtimeMillis)
             logger.info("resumed migration of \(record.vmName) finished: downtime \(downtime) ms, \(result.mismatchedPages) mismatched pages, guest \(result.guestVerdict)")

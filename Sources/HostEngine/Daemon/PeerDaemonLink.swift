@@ -8,11 +8,16 @@
 import EpcopyProtocol
 import Foundation
 import Logging
+import Synchronization
 
 final class PeerDaemonLink: @unchecked Sendable {
     // SAFETY (@unchecked): used by the one thread that runs the migration.
     private var channel: ControlChannel?
-    private let endpoint: Endpoint
+    /// The connection that prepared the migration, never changed: what `redirect` shuts from another thread.
+    private let first: ControlChannel?
+    /// Where the destination daemon is reached; `redirect` changes it from another thread.
+    private let target: Mutex<Endpoint>
+    private var endpoint: Endpoint { target.withLock { $0 } }
     private let key: [UInt8]
     let session: UInt64
     /// How long to keep trying to get a lost connection back.
@@ -23,7 +28,8 @@ final class PeerDaemonLink: @unchecked Sendable {
     init(_ channel: ControlChannel?, endpoint: Endpoint, key: [UInt8], session: UInt64, reconnectMillis: Int,
          logger: Logger) {
         self.channel = channel
-        self.endpoint = endpoint
+        first = channel
+        target = Mutex(endpoint)
         self.key = key
         self.session = session
         self.reconnectMillis = reconnectMillis
@@ -58,6 +64,13 @@ final class PeerDaemonLink: @unchecked Sendable {
         do { _ = try lastWord(.abort, again: .abortSession(session: session), expectsReply: false) } catch {
             logger.warning("could not tell \(endpoint) that the migration is off: \(error)")
         }
+    }
+
+    /// The destination daemon is reached at `endpoint` from now on (its other address). The connection on the old
+    /// path is given up — a last word waiting on it fails at once, as on a lost link — and the next goes there.
+    func redirect(to endpoint: Endpoint) {
+        target.withLock { $0 = endpoint }
+        first?.shutDown()
     }
 
     /// `request` on the first connection; on a lost connection, `again` on new ones until the deadline.

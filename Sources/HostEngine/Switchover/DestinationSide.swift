@@ -66,7 +66,7 @@ public final class DestinationSide: @unchecked Sendable {
         var takeover: DestinationState?
         if let handover {
             let (engine, state, listener) = try Self.engine(from: handover, bindHost: bindHost, qemu: qemu)
-            engineEndpoint = listener.listener.endpoint
+            engineEndpoint = Endpoint(host: bindHost, port: listener.listener.endpoint.port)
             engineThread = Self.run(engine, listener: listener, into: engineResult)
             self.engine = engine
             takeover = state
@@ -163,11 +163,17 @@ public final class DestinationSide: @unchecked Sendable {
         return engine
     }
 
+    /// The engine listens on every address of this host (at the port it tells the source, with `bindHost`), so a
+    /// source that lost one path to it can come back on another (`migrate --resume --to`); the handshake's HMAC
+    /// refuses whoever lacks the key.
+    static let anyAddress = "0.0.0.0"
+
     /// Binds the engine's port again; a socket of the dead process may hold it for a moment.
     private static func listen(on endpoint: Endpoint) throws -> Listener {
         let deadline = monotonicNanos() + 10_000_000_000
+        let any = Endpoint(host: anyAddress, port: endpoint.port)
         while true {
-            do { return try TCP.listen(on: endpoint) } catch {
+            do { return try TCP.listen(on: any) } catch {
                 if monotonicNanos() > deadline { throw error }
                 usleep(100_000)
             }
@@ -203,7 +209,7 @@ public final class DestinationSide: @unchecked Sendable {
             qemu.teardown()
             throw MigrationError.step("destination: guest memory hand-over", error)
         }
-        do { return (engine, state, ListenerHolder(try TCP.listen(on: Endpoint(host: bindHost, port: 0)))) } catch {
+        do { return (engine, state, ListenerHolder(try TCP.listen(on: Endpoint(host: Self.anyAddress, port: 0)))) } catch {
             qemu.teardown()
             throw MigrationError.step("destination: listen on \(bindHost)", error)
         }
@@ -212,9 +218,12 @@ public final class DestinationSide: @unchecked Sendable {
     private static func run(_ engine: DestinationEngine, listener: ListenerHolder,
                             into slot: ResultSlot<DestinationReport, PeerError>) -> JoinableThread {
         JoinableThread(name: "epcopy-dst") {
-            slot.set(Result<DestinationReport, PeerError> { () throws(PeerError) in
+            let result = Result<DestinationReport, PeerError> { () throws(PeerError) in
                 try engine.run(listener: listener.listener)
-            })
+            }
+            // Said at once: a daemon hears it only at the finish, which may be long after (a source reconnecting).
+            if case .failure(let error) = result { Log.engine.error("destination: the engine ended: \(error)") }
+            slot.set(result)
         }
     }
 

@@ -11,7 +11,8 @@ import Foundation
 
 public enum SourceResumption {
     /// Moves what the destination lacks from `record.ramFile`; returns when this host holds none of the VM.
-    public static func run(_ record: SourceSessionRecord, options: MigrationOptions) throws -> SourceOutcome {
+    public static func run(_ record: SourceSessionRecord, options: MigrationOptions,
+                           engineStarted: ((SourceEngine) -> Void)? = nil) throws -> SourceOutcome {
         guard FileManager.default.fileExists(atPath: record.ramFile) else {
             throw MigrationError.failed("the fenced RAM file \(record.ramFile) is gone: the pages the destination "
                 + "still lacked are lost with it")
@@ -33,6 +34,7 @@ public enum SourceResumption {
             throw MigrationError.failed("\(record.ramFile) holds \(engine.regionPages) pages, the record says "
                 + "\(record.regionPages): not this migration's file")
         }
+        engineStarted?(engine)
         // QEMU's device stream ended long ago: nothing holds the bulk push (holdBulkUntilReleased stays off).
         let report: SourceReport
         do { report = try engine.run(destination: endpoint) } catch {

@@ -51,9 +51,11 @@ public final class SourceSide {
                                engineEndpoint: Endpoint?, options: MigrationOptions,
                                cancel: MigrationCancel? = nil,
                                progress: (@Sendable (MigrationProgress) -> Void)? = nil,
-                               fenced: ((_ stopTimestamp: Double, _ counterBefore: Int?) -> Void)? = nil) throws -> SourceOutcome {
+                               fenced: ((_ stopTimestamp: Double, _ counterBefore: Int?) -> Void)? = nil,
+                               engineStarted: ((SourceEngine) -> Void)? = nil) throws -> SourceOutcome {
         let side = SourceSide(source: source, mode: mode, session: session, options: options)
         try side.prepare(engineEndpoint: engineEndpoint)
+        if let engine = side.push?.engine { engineStarted?(engine) }
         if let cancel, !cancel.beginSwitch() {
             // Nothing has moved and the VM never stopped: the engine tells the destination, and goes.
             side.push?.callOff()

@@ -31,16 +31,17 @@ extension PeerChannel {
     /// Source side: connects channel `kind` to `destination` and runs the handshake. Connection refusals,
     /// resets and unreachable routes are retried every 50 ms until `retryUntil` (monotonic nanoseconds), so
     /// a source may start before its destination listens, wait out a link that is down, or wait for a
-    /// replacement destination.
+    /// replacement destination. `giveUpIf` ends the retrying early (the destination has another address now).
     public static func connect(to destination: Endpoint, kind: PeerChannelKind, identity: ChannelIdentity,
-                               timeoutMillis: Int32, retryUntil deadline: UInt64) throws(PeerError) -> PeerChannel {
+                               timeoutMillis: Int32, retryUntil deadline: UInt64,
+                               giveUpIf: () -> Bool = { false }) throws(PeerError) -> PeerChannel {
         let fd: FileDescriptor
         while true {
             do {
                 fd = try TCP.connect(to: destination, timeoutMillis: timeoutMillis)
                 break
             } catch {
-                if monotonicNanos() < deadline, PeerError.linkErrnos.contains(error.errno) {
+                if monotonicNanos() < deadline, PeerError.linkErrnos.contains(error.errno), !giveUpIf() {
                     usleep(50_000)
                     continue
                 }

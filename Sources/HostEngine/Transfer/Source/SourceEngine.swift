@@ -6,7 +6,7 @@
 // when the last page is acknowledged the source holds none of the VM (T_release). The two threads share
 // the `sent` bitmap, which makes every page go on the wire at most once per session, and a FaultHint,
 // which points the push at a fault's neighbours. A session that loses its destination can wait for a
-// replacement, which says what it already has.
+// replacement, which says what it already has, or reach it at another address (`redirect`).
 
 import EpcopyProtocol
 import Logging
@@ -33,6 +33,12 @@ public final class SourceEngine: @unchecked Sendable {
 
     /// The link as the engine sees it, for progress displays: losses so far, and since when it is down.
     public let link = LinkStatus()
+    /// Another address of the same destination, for the next connection (see `redirect`).
+    private let redirected = Mutex<Endpoint?>(nil)
+
+    /// Reach the destination at `endpoint` from the next connection on: a session still connected goes on,
+    /// one reconnecting stops trying the old address and tries this one, with the reconnect deadline renewed.
+    public func redirect(to endpoint: Endpoint) { redirected.withLock { $0 = endpoint } }
 
     /// Pages sent so far (bulk and urgent), for progress displays.
     public var pagesSent: UInt64 {
@@ -80,7 +86,14 @@ public final class SourceEngine: @unchecked Sendable {
         // and fails again at once, over and over, must not renew it forever.
         var stalledSince: UInt64? = nil
         var releasedAtLastLoss: UInt64 = 0
+        var destination = destination
         while true {
+            if let next = redirected.withLock({ r -> Endpoint? in defer { r = nil }; return r }) {
+                Log.engine.warning("source: the destination is reached at \(next) from now on (was \(destination))")
+                destination = next
+                stalledSince = nil
+                backoffMicros = 50_000
+            }
             do {
                 let outcome = try runSession(destination: destination, retryUntil: (stalledSince ?? start) + wait,
                                              zero: &zero,
@@ -141,7 +154,8 @@ public final class SourceEngine: @unchecked Sendable {
                                        key: options.authKey)
         func open(_ kind: PeerChannelKind) throws(PeerError) -> PeerChannel {
             try PeerChannel.connect(to: destination, kind: kind, identity: identity,
-                                    timeoutMillis: options.connectTimeoutMillis, retryUntil: deadline)
+                                    timeoutMillis: options.connectTimeoutMillis, retryUntil: deadline,
+                                    giveUpIf: { self.redirected.withLock { $0 != nil } })
         }
         let control = try open(.control)
         let urgent = try open(.urgent)
