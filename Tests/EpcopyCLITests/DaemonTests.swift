@@ -11,6 +11,19 @@ import Testing
 @Suite(.serialized, .tier(.qemu), .requires(.testGuest), .requires(.namespaces)) struct DaemonTests {
     static let repository = Prerequisite.repository
 
+    /// `scripts/demo` in enlightened mode over a 200 Mbit/s link with `variables` (the failure to inject), this build's
+    /// epcopy, bounded to 10 minutes; it must exit 0.
+    private func runDemo(_ label: String, _ variables: [String: String],
+                         sourceLocation: SourceLocation = #_sourceLocation) throws -> Spawned {
+        var environment = ["EPCOPY_BIN": productsDirectory.appendingPathComponent("epcopy").path,
+                           "RATE": "200mbit", "DEMO_MODES": "enlightened"]
+        environment.merge(variables) { _, new in new }
+        let demo = try Spawned(label, "/bin/bash", ["\(Self.repository)/scripts/demo"], environment: environment)
+        let status = demo.wait(seconds: 600)
+        #expect(status == 0, "demo failed: \(demo.stdout)\n\(demo.stderr)", sourceLocation: sourceLocation)
+        return demo
+    }
+
     /// The demo table's enlightened row: 0 mismatched pages, and the guest's verdict OK with digests compared.
     private func expectVerifiedEnlightenedRow(_ stdout: String, sourceLocation: SourceLocation = #_sourceLocation) {
         let row = stdout.split(separator: "\n").first { $0.hasPrefix("enlightened") }.map(String.init) ?? ""
@@ -75,12 +88,8 @@ import Testing
     /// down for that many seconds (a double failure): its successor must wait for the link.
     @Test(arguments: ["", "3"])
     func aSourceDaemonKilledMidPushIsRestartedAndFinishesTheMigration(outage: String) throws {
-        var environment = ["EPCOPY_BIN": productsDirectory.appendingPathComponent("epcopy").path,
-                           "RATE": "200mbit", "KILL_DAEMON": "source", "DEMO_MODES": "enlightened"]
-        if !outage.isEmpty { environment["CUT_LINK"] = outage }
-        let demo = try Spawned("demo-kill", "/bin/bash", ["\(Self.repository)/scripts/demo"], environment: environment)
-        let status = demo.wait(seconds: 600)
-        #expect(status == 0, "demo failed: \(demo.stdout)\n\(demo.stderr)")
+        let demo = try runDemo("demo-kill", outage.isEmpty ? ["KILL_DAEMON": "source"]
+                                                           : ["KILL_DAEMON": "source", "CUT_LINK": outage])
         #expect(demo.stdout.contains(outage.isEmpty ? "killing host A's daemon" : "killing host A's daemon during the outage"),
                 "\(demo.stdout)")
         #expect(demo.stdout.contains("taking up the migration of demo-enlightened"), "\(demo.stdout)")
@@ -92,11 +101,7 @@ import Testing
     /// the engine's port, the digests the dead engine recorded), serve the source again, and the migration must
     /// end with every page matching the source at STOP and the guest's verdict OK.
     @Test func aDestinationDaemonKilledMidPushIsAdoptedAndFinishes() throws {
-        let environment = ["EPCOPY_BIN": productsDirectory.appendingPathComponent("epcopy").path,
-                           "RATE": "200mbit", "KILL_DAEMON": "destination", "DEMO_MODES": "enlightened"]
-        let demo = try Spawned("demo-kill-b", "/bin/bash", ["\(Self.repository)/scripts/demo"], environment: environment)
-        let status = demo.wait(seconds: 600)
-        #expect(status == 0, "demo failed: \(demo.stdout)\n\(demo.stderr)")
+        let demo = try runDemo("demo-kill-b", ["KILL_DAEMON": "destination"])
         #expect(demo.stdout.contains("killing host B's daemon"), "\(demo.stdout)")
         #expect(demo.stdout.contains("adopted demo-enlightened: QEMU"), "\(demo.stdout)")
         expectVerifiedEnlightenedRow(demo.stdout)
@@ -108,12 +113,7 @@ import Testing
     /// guest's verdict be OK. (A 3 s black hole may also be ridden out by TCP: then the first attempt succeeds.)
     @Test(arguments: [["KILL_DAEMON": "source"], ["CUT_LINK": "3"]])
     func aFailureBeforeTheSwitchLeavesTheVMRunningOnItsSource(failure: [String: String]) throws {
-        var environment = ["EPCOPY_BIN": productsDirectory.appendingPathComponent("epcopy").path,
-                           "RATE": "200mbit", "CUT_AT_MIB": "-1", "DEMO_MODES": "enlightened"]
-        environment.merge(failure) { _, new in new }
-        let demo = try Spawned("demo-before-stop", "/bin/bash", ["\(Self.repository)/scripts/demo"], environment: environment)
-        let status = demo.wait(seconds: 600)
-        #expect(status == 0, "demo failed: \(demo.stdout)\n\(demo.stderr)")
+        let demo = try runDemo("demo-before-stop", failure.merging(["CUT_AT_MIB": "-1"]) { old, _ in old })
         #expect(demo.stdout.contains("striking with 0 MiB at the destination"), "\(demo.stdout)")
         if failure["KILL_DAEMON"] != nil {
             #expect(demo.stdout.contains("took back VM demo-enlightened"), "\(demo.stdout)")
@@ -127,11 +127,7 @@ import Testing
     /// move there and the migration end — seen by both the migrate command that started it and the one that
     /// redirected it — with every page matching and the guest's verdict OK.
     @Test func aPausedMigrationIsSentByHandToAnotherAddressOfItsDestination() throws {
-        let environment = ["EPCOPY_BIN": productsDirectory.appendingPathComponent("epcopy").path,
-                           "RATE": "200mbit", "REROUTE": "3", "DEMO_MODES": "enlightened"]
-        let demo = try Spawned("demo-reroute", "/bin/bash", ["\(Self.repository)/scripts/demo"], environment: environment)
-        let status = demo.wait(seconds: 600)
-        #expect(status == 0, "demo failed: \(demo.stdout)\n\(demo.stderr)")
+        let demo = try runDemo("demo-reroute", ["REROUTE": "3"])
         #expect(demo.stdout.contains("the rerouted migration ended: 0 mismatched pages, guest OK"), "\(demo.stdout)")
         #expect(demo.stdout.contains("recovered by itself"), "\(demo.stdout)")
         expectVerifiedEnlightenedRow(demo.stdout)

@@ -336,7 +336,7 @@ public final class Daemon: @unchecked Sendable {
             throw ControlError.remote("the migration of \(name) was cancelled before the switch; it keeps running here")
         } catch {
             peer.abort()
-            if vm.isRunning, (try? vm.qmp.execute("query-status", timeout: .seconds(5)))?["status"]?.stringValue == "running" {
+            if vm.isRunning, vm.runState == "running" {
                 store.remove(SourceSessionRecord.self, session: session)
                 throw ControlError.remote("migration of \(name) failed before the switch; it keeps running here: \(error)")
             }

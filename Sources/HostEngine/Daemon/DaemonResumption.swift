@@ -35,7 +35,7 @@ extension Daemon {
     private func callOff(_ record: SourceSessionRecord) {
         store.remove(SourceSessionRecord.self, session: record.session)
         let running = vms.withLock { $0[record.vmName] }.map {
-            (try? $0.qmp.execute("query-status", timeout: .seconds(5)))?["status"]?.stringValue == "running"
+            $0.runState == "running"
         } ?? false
         guard running, let peer = Endpoint(record.destinationDaemon) else {
             logger.error("the migration of \(record.vmName) (session \(record.session)) that a previous daemon was sending had not switched as far as its record says, but the VM does not run here: it is left as it is")

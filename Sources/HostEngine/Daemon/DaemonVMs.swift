@@ -83,7 +83,7 @@ extension Daemon {
                 continue
             }
             inUse.insert(config.ramFile)
-            let status = (try? vm.qmp.execute("query-status", timeout: .seconds(5)))?["status"]?.stringValue ?? "unknown"
+            let status = vm.runState ?? "unknown"
             vms.withLock { $0[record.name] = vm }
             recordVM(record.name, vm)
             if status == "running" {

@@ -180,6 +180,11 @@ public final class QEMUProcess: @unchecked Sendable {
         return nil
     }
 
+    /// QMP's run state ("running", "paused", "postmigrate", ...), or nil when QMP does not answer within 5 s.
+    public var runState: String? {
+        (try? qmp.execute("query-status", timeout: .seconds(5)))?["status"]?.stringValue
+    }
+
     /// Whether the process has not been reaped yet.
     public var isRunning: Bool { supervisor.termination == nil }
 

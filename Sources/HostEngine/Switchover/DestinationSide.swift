@@ -138,7 +138,7 @@ public final class DestinationSide: @unchecked Sendable {
         Log.engine.info("destination: adopted QEMU \(state.qemuPid) of session \(state.session): \(present.count) pages already here")
         // RESUME may have happened while nobody watched QMP: then the guest runs, and the time is taken as now.
         var resumedAt = state.resumeTimestamp
-        if resumedAt == nil, (try? qemu.qmp.execute("query-status", timeout: .seconds(5)))?["status"]?.stringValue == "running" {
+        if resumedAt == nil, qemu.runState == "running" {
             resumedAt = Date().timeIntervalSince1970
         }
         switchWatcher = watchSwitch(session: state.session, options: options, resumedAt: resumedAt, free: state.freePages)

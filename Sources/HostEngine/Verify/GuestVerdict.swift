@@ -62,7 +62,7 @@ struct GuestVerdict: Sendable, Equatable {
             if before == nil, after != nil { return GuestVerdict(verdict: "OK", counterAfter: after) }
             usleep(200_000)
         }
-        let status = (try? destination.qmp.execute("query-status", timeout: .seconds(5)))?["status"]?.stringValue ?? "?"
+        let status = destination.runState ?? "?"
         let tail = destination.serialLog.suffix(300).replacingOccurrences(of: "\r\n", with: " | ")
         Log.engine.trace("guest verdict: no progress; destination QEMU \(status), serial: \(tail)")
         return GuestVerdict(verdict: after == nil ? "NO OUTPUT (QEMU \(status))" : "STALLED (QEMU \(status))",
