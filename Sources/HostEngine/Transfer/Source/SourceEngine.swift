@@ -91,7 +91,7 @@ public final class SourceEngine: @unchecked Sendable {
             if let next = redirected.withLock({ r -> Endpoint? in defer { r = nil }; return r }) {
                 Log.engine.warning("source: the destination is reached at \(next) from now on (was \(destination))")
                 destination = next
-                stalledSince = nil
+                stalledSince = monotonicNanos()  // the reconnect deadline starts again from the redirect
                 backoffMicros = 50_000
             }
             do {
