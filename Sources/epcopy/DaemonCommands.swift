@@ -219,10 +219,13 @@ struct Migrate: ParsableCommand {
             userfaultfd) and the transfer goes on. A failure before the switch leaves the VM where it runs, and \
             this command says so: run it again.
 
-            When the destination host has another address (a second path; its daemon started with \
-            --also-listen), a switched migration whose link is down can be sent there by hand: \
-            `epcopy migrate NAME --resume --to ADDR:PORT` redirects the engines and the control link at once \
-            (the reconnect deadline starts again) and waits for the result.
+            When the destination host has other addresses (second paths; its daemon started with \
+            --also-listen on each), give them with --also-to: when the link stays down on one address for \
+            --failover-after seconds, the engines and the control link move to the next by themselves, and go \
+            round them until one answers or the reconnect deadline ends (the deadline is not renewed by a \
+            move). A switched migration can also be sent to an address by hand: `epcopy migrate NAME --resume \
+            --to ADDR:PORT` redirects the engines and the control link at once (the reconnect deadline starts \
+            again) and waits for the result.
 
             What cannot be recovered: the source host itself lost (power, kernel panic) after the switch and \
             before T_release. Its RAM file holds the only copy of the pages not yet moved, so the VM is lost; \
@@ -231,6 +234,11 @@ struct Migrate: ParsableCommand {
     )
     @Argument(help: "VM name.") var name: String
     @Option(help: "Destination daemon, IPv4-ADDRESS:PORT.") var to: String?
+    @Option(help: ArgumentHelp("Another address of the same destination daemon (another path to its host), IPv4-ADDRESS:PORT; repeat for more.",
+                               discussion: "Enlightened mode. Its engine is reached on that host part at the same engine port."))
+    var alsoTo: [String] = []
+    @Option(help: "With --also-to: how long the link may stay down on one address before the next is tried, in seconds.")
+    var failoverAfter: Double = 2
     @Flag(help: ArgumentHelp("Call off the migration of NAME that its daemon is sending, if it has not switched yet.",
                              discussion: "Ctrl-C on a running `epcopy migrate` does the same."))
     var cancel = false
@@ -261,7 +269,20 @@ struct Migrate: ParsableCommand {
         if resume, let to { _ = try parseEndpoint(to, option: "--to") }
         if cancel || resume { return }
         guard let to else { throw ValidationError("--to is required (or --cancel, or --resume)") }
-        _ = try parseEndpoint(to, option: "--to")
+        let first = try parseEndpoint(to, option: "--to")
+        guard failoverAfter.isFinite, (0.1...600).contains(failoverAfter) else {
+            throw ValidationError("--failover-after: 0.1...600 seconds")
+        }
+        if alsoTo.isEmpty { return }
+        guard mode == MigrationMode.enlightened.rawValue else {
+            throw ValidationError("--also-to needs --mode enlightened: QEMU's own migration stream has one address")
+        }
+        guard alsoTo.count <= 8 else { throw ValidationError("--also-to: at most 8 other addresses") }
+        var seen: Set<String> = ["\(first)"]
+        for text in alsoTo {
+            let other = try parseEndpoint(text, option: "--also-to")
+            guard seen.insert("\(other)").inserted else { throw ValidationError("--also-to \(text): given twice (or is --to)") }
+        }
     }
 
     func run() throws {
@@ -286,7 +307,8 @@ struct Migrate: ParsableCommand {
         let options = MigrationRequestOptions(mode: MigrationMode(rawValue: mode)!, verify: verify, agent: !noAgent,
                                               agentTimeoutMillis: agentTimeoutMs,
                                               reconnectTimeoutMillis: Int(reconnectDeadline * 1000),
-                                              keepaliveTimeoutMillis: keepaliveTimeoutMs)
+                                              keepaliveTimeoutMillis: keepaliveTimeoutMs,
+                                              failoverAfterMillis: alsoTo.isEmpty ? nil : Int(failoverAfter * 1000))
         let result: MigrationResult
         do {
             let channel = try daemon.connect()
@@ -304,7 +326,7 @@ struct Migrate: ParsableCommand {
             }
             interrupt.resume()
             defer { interrupt.cancel() }
-            try channel.send(.migrate(MigrateRequest(name: name, to: to, options: options)))
+            try channel.send(.migrate(MigrateRequest(name: name, to: to, alsoTo: alsoTo, options: options)))
             var reply = try channel.receiveReply(timeoutMillis: 3_600_000)
             while case .progress(let progress) = reply {
                 if showProgress { ProgressBar.draw(progress, label: "\(name) → \(to) (\(mode))") }

@@ -133,6 +133,15 @@ import Testing
         expectVerifiedEnlightenedRow(demo.stdout)
     }
 
+    /// The destination's second address given at migrate time (--also-to): the first path goes down for good mid
+    /// push and the daemons move to the second by themselves; every page matches and the guest's verdict is OK.
+    @Test func theFirstPathDiesAndTheMigrationMovesToTheDestinationsOtherAddressByItself() throws {
+        let demo = try runDemo("demo-reroute-auto", ["REROUTE": "auto"])
+        #expect(demo.stdout.contains("trying the destination's other address"), "\(demo.stdout)")
+        #expect(demo.stdout.contains("recovered by itself"), "\(demo.stdout)")
+        expectVerifiedEnlightenedRow(demo.stdout)
+    }
+
     /// A cancel before the switch (what Ctrl-C on `epcopy migrate` sends): the VM keeps running on the source,
     /// the destination holds nothing, and the migrate command fails with a message that says so.
     @Test func aCancelBeforeTheSwitchLeavesTheVMOnTheSource() throws {

@@ -144,6 +144,43 @@ import Testing
         }
     }
 
+    @Test func alternateAddressesThatCannotWorkAreRefusedBeforeAnythingMoves() throws {
+        let daemon = try RunningDaemon()
+        defer { try? daemon.finish() }
+        let client = try ControlChannel.connect(daemon.endpoint, key: Self.key)
+        let enlightened = MigrationRequestOptions(mode: .enlightened, verify: true, agent: true, agentTimeoutMillis: 3000)
+        let postcopy = MigrationRequestOptions(mode: .postcopy, verify: true, agent: true, agentTimeoutMillis: 3000)
+        var slow = enlightened
+        slow.failoverAfterMillis = 5
+        let cases: [(request: MigrateRequest, says: String)] = [
+            (MigrateRequest(name: "vm", to: "10.0.0.2:7470", alsoTo: ["10.1.0.2"], options: enlightened),
+             "10.1.0.2 is not IPv4-ADDRESS:PORT"),
+            (MigrateRequest(name: "vm", to: "10.0.0.2:7470", alsoTo: ["10.0.0.2:7470"], options: enlightened),
+             "given twice"),
+            (MigrateRequest(name: "vm", to: "10.0.0.2:7470", alsoTo: ["10.1.0.2:7470", "10.1.0.2:7470"], options: enlightened),
+             "given twice"),
+            (MigrateRequest(name: "vm", to: "10.0.0.2:7470", alsoTo: (1...9).map { "10.1.0.\($0):7470" }, options: enlightened),
+             "at most 8"),
+            (MigrateRequest(name: "vm", to: "10.0.0.2:7470", alsoTo: ["10.1.0.2:7470"], options: postcopy),
+             "needs enlightened mode"),
+            (MigrateRequest(name: "vm", to: "10.0.0.2:7470", alsoTo: ["10.1.0.2:7470"], options: slow),
+             "failoverAfterMillis must be"),
+        ]
+        for (request, says) in cases {
+            try client.send(.migrate(request))
+            do {
+                _ = try client.receiveReply(timeoutMillis: 10_000)
+                Issue.record("accepted: \(request.alsoTo ?? [])")
+            } catch { #expect("\(error)".contains(says), "\(request.alsoTo ?? []) → \(error)") }
+        }
+        // Good alternates get as far as the VM, which is not here.
+        try client.send(.migrate(MigrateRequest(name: "vm", to: "10.0.0.2:7470", alsoTo: ["10.1.0.2:7470"], options: enlightened)))
+        do {
+            _ = try client.receiveReply(timeoutMillis: 10_000)
+            Issue.record("a migration of a VM that does not exist was accepted")
+        } catch { #expect("\(error)".contains("no running VM vm"), "\(error)") }
+    }
+
     @Test func requestsRoundTripWithFullWidthSessions() throws {
         let spec = VMSpec(name: "vm", memoryMiB: 512, kernel: "/k", initrd: nil, append: "console=ttyS0")
         let request = ControlRequest.incoming(IncomingRequest(

@@ -8,11 +8,15 @@ import Testing
 
 @Suite(.tier(.unit)) struct SessionStoreTests {
     private func record(_ session: UInt64, stop: Double = 1_796_606_788.25) -> SourceSessionRecord {
-        SourceSessionRecord(session: session, vmName: "web-1", ramFile: "/dev/shm/epcopy-web-1.ram", regionPages: 131_072,
-                            engine: "10.0.0.2:40123", destinationDaemon: "10.0.0.2:7470",
-                            options: MigrationRequestOptions(mode: .enlightened, verify: true, agent: true,
-                                                             agentTimeoutMillis: 3000, reconnectTimeoutMillis: 120_000),
-                            stopTimestamp: stop, counterBefore: 7)
+        var record = SourceSessionRecord(session: session, vmName: "web-1", ramFile: "/dev/shm/epcopy-web-1.ram",
+                                         regionPages: 131_072, engine: "10.0.0.2:40123", destinationDaemon: "10.0.0.2:7470",
+                                         options: MigrationRequestOptions(mode: .enlightened, verify: true, agent: true,
+                                                                          agentTimeoutMillis: 3000, reconnectTimeoutMillis: 120_000,
+                                                                          failoverAfterMillis: 1500),
+                                         stopTimestamp: stop, counterBefore: 7)
+        // The destination's other addresses go on record with it (a successor goes round them too).
+        record.alsoTo = ["10.1.0.2:7470", "10.2.0.2:7470"]
+        return record
     }
 
     private func directory() -> String {

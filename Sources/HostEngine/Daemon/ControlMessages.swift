@@ -63,15 +63,19 @@ public struct MigrationRequestOptions: Codable, Sendable, Equatable {
     public var reconnectTimeoutMillis: Int?
     /// Silence between the engines that counts as a lost link (nil: the default, 2 s).
     public var keepaliveTimeoutMillis: Int?
+    /// With more than one address of the destination: how long the link may stay down on one before the next
+    /// is tried (nil: the default, 2 s).
+    public var failoverAfterMillis: Int?
 
     public init(mode: MigrationMode, verify: Bool, agent: Bool, agentTimeoutMillis: Int,
-                reconnectTimeoutMillis: Int? = nil, keepaliveTimeoutMillis: Int? = nil) {
+                reconnectTimeoutMillis: Int? = nil, keepaliveTimeoutMillis: Int? = nil, failoverAfterMillis: Int? = nil) {
         self.mode = mode
         self.verify = verify
         self.agent = agent
         self.agentTimeoutMillis = agentTimeoutMillis
         self.reconnectTimeoutMillis = reconnectTimeoutMillis
         self.keepaliveTimeoutMillis = keepaliveTimeoutMillis
+        self.failoverAfterMillis = failoverAfterMillis
     }
 }
 
@@ -79,11 +83,14 @@ public struct MigrateRequest: Codable, Sendable {
     public var name: String
     /// The destination daemon, IPv4-ADDRESS:PORT.
     public var to: String
+    /// The same daemon's other addresses (other paths to its host), tried in turn when the link stays down.
+    public var alsoTo: [String]?
     public var options: MigrationRequestOptions
 
-    public init(name: String, to: String, options: MigrationRequestOptions) {
+    public init(name: String, to: String, alsoTo: [String] = [], options: MigrationRequestOptions) {
         self.name = name
         self.to = to
+        self.alsoTo = alsoTo.isEmpty ? nil : alsoTo
         self.options = options
     }
 }

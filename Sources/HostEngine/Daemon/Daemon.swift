@@ -260,6 +260,11 @@ public final class Daemon: @unchecked Sendable {
             }
             migration.reconnectTimeoutMillis = Int32(reconnect)
         }
+        if let failover = request.failoverAfterMillis {
+            guard (100...600_000).contains(failover) else {
+                throw ControlError.remote("failoverAfterMillis must be 100...600000")
+            }
+        }
         if let silence = request.keepaliveTimeoutMillis {
             guard (200...600_000).contains(silence) else {
                 throw ControlError.remote("keepaliveTimeoutMillis must be 200...600000")
@@ -274,13 +279,14 @@ public final class Daemon: @unchecked Sendable {
         let name = try Self.validName(request.name)
         guard let to = Endpoint(request.to) else { throw ControlError.remote("to must be IPv4-ADDRESS:PORT") }
         let migration = try migrationOptions(request.options)
+        let paths = try Self.paths(to, alsoTo: request.alsoTo, mode: migration.mode)
         guard let vm = vms.withLock({ $0[name] }), vm.isRunning else { throw ControlError.remote("no running VM \(name) here") }
         guard busy.withLock({ $0.insert(name).inserted }) else { throw ControlError.remote("\(name) is already migrating") }
         defer { _ = busy.withLock { $0.remove(name) } }
         let watcher = ControlRejoin()
         resumptions.withLock { $0[name] = watcher }
         do {
-            let reply = try send(vm, name: name, to: to, request: request, migration: migration, channel: channel)
+            let reply = try send(vm, name: name, to: paths, request: request, migration: migration, channel: channel)
             if case .result(let result) = reply { watcher.finish(.success(result)) }
             return reply
         } catch {
@@ -289,8 +295,10 @@ public final class Daemon: @unchecked Sendable {
         }
     }
 
-    private func send(_ vm: QEMUProcess, name: String, to: Endpoint, request: MigrateRequest,
+    /// `paths`: the destination daemon's address, then its others.
+    private func send(_ vm: QEMUProcess, name: String, to paths: [Endpoint], request: MigrateRequest,
                       migration: MigrationOptions, channel: ControlChannel) throws -> ControlReply {
+        let to = paths[0]
         var migration = migration
         let cancel = MigrationCancel()
         cancels.withLock { $0[name] = cancel }
@@ -312,14 +320,19 @@ public final class Daemon: @unchecked Sendable {
         // On record from here: if this daemon dies before the switch, its successor calls the destination off
         // (the VM, taken back, runs here); after it, the successor finishes the push.
         let switchRecord = engine.map {
-            SourceSessionRecord(session: session, vmName: name, ramFile: vm.config.ramFile,
-                                regionPages: vm.config.regionPages, engine: "\($0)", destinationDaemon: "\(to)",
-                                options: request.options, stopTimestamp: 0, counterBefore: nil)
+            var record = SourceSessionRecord(session: session, vmName: name, ramFile: vm.config.ramFile,
+                                             regionPages: vm.config.regionPages, engine: "\($0)", destinationDaemon: "\(to)",
+                                             options: request.options, stopTimestamp: 0, counterBefore: nil)
+            record.alsoTo = request.alsoTo
+            return record
         }
         if let switchRecord { record(switchRecord) }
-        let route = engine.map { MigrationRoute(peer: peer, enginePort: $0.port) }
+        let route = engine.map { makeRoute(peer, enginePort: $0.port, paths: paths, options: request.options) }
         if let route { routes.withLock { $0[name] = route } }
-        defer { if route != nil { _ = routes.withLock { $0.removeValue(forKey: name) } } }
+        defer {
+            route?.stop()
+            if route != nil { _ = routes.withLock { $0.removeValue(forKey: name) } }
+        }
 
         let outcome: SourceOutcome
         do {
@@ -353,28 +366,57 @@ public final class Daemon: @unchecked Sendable {
     }
 
     /// `migrate NAME --resume --to ADDR`: the switched migration of `name` reaches its destination at `to` from now
-    /// on (the same daemon's host by another address); on record too, for a successor of this daemon.
+    /// on (the same daemon's host by another address); the route puts it on record, for a successor of this daemon.
     private func redirect(_ name: String, to text: String) throws -> ControlReply {
         guard let to = Endpoint(text) else { throw ControlError.remote("to must be IPv4-ADDRESS:PORT") }
         guard let route = routes.withLock({ $0[name] }) else {
             throw ControlError.remote("no migration of \(name) is under way here in enlightened mode")
         }
-        guard var record = store.sourceRecords().records.first(where: { $0.session == route.peer.session }),
+        guard let record = store.sourceRecords().records.first(where: { $0.session == route.peer.session }),
               record.switched else {
             throw ControlError.remote("the migration of \(name) has not switched: call it off (migrate \(name) --cancel) "
                 + "and migrate it again to \(to)")
         }
         let engine = route.redirect(to: to)
-        record.engine = "\(engine)"
-        record.destinationDaemon = "\(to)"
-        self.record(record)
         logger.warning("the migration of \(name) is redirected by hand: its destination is reached at \(to) (engine \(engine)) from now on")
         return .ok
     }
 
+    /// The destination daemon's addresses for a migration: `to`, then the others it was given (`--also-to`).
+    static func paths(_ to: Endpoint, alsoTo: [String]?, mode: MigrationMode) throws -> [Endpoint] {
+        let others = alsoTo ?? []
+        guard !others.isEmpty else { return [to] }
+        guard mode == .enlightened else {
+            throw ControlError.remote("alsoTo needs enlightened mode: QEMU's own migration stream has one address")
+        }
+        guard others.count <= 8 else { throw ControlError.remote("alsoTo: at most 8 other addresses") }
+        var paths = [to]
+        for text in others {
+            guard let other = Endpoint(text) else { throw ControlError.remote("alsoTo: \(text) is not IPv4-ADDRESS:PORT") }
+            guard !paths.contains(other) else { throw ControlError.remote("alsoTo: \(text) is given twice (or is to)") }
+            paths.append(other)
+        }
+        return paths
+    }
+
+    /// The route of a migration this daemon sends; each move it makes goes on the migration's record.
+    func makeRoute(_ peer: PeerDaemonLink, enginePort: UInt16, paths: [Endpoint],
+               options request: MigrationRequestOptions) -> MigrationRoute {
+        let session = peer.session
+        return MigrationRoute(peer: peer, enginePort: enginePort, paths: paths,
+                              failoverMillis: request.failoverAfterMillis ?? 2_000, logger: logger) { [self] daemon, engine, others in
+            guard var record = store.sourceRecords().records.first(where: { $0.session == session }) else { return }
+            record.engine = "\(engine)"
+            record.destinationDaemon = "\(daemon)"
+            record.alsoTo = others.isEmpty ? nil : others.map { "\($0)" }
+            self.record(record)
+        }
+    }
+
     /// The switch happened: from here a crash of this daemon must not lose the VM, so the migration is on disk.
     private func save(switched record: SourceSessionRecord, _ stop: Double, _ counter: Int?) {
-        var record = record
+        // As on record: the route may have moved to another address of the destination since prepare.
+        var record = store.sourceRecords().records.first(where: { $0.session == record.session }) ?? record
         record.stopTimestamp = stop
         record.counterBefore = counter
         record.switched = true

@@ -68,9 +68,14 @@ extension Daemon {
             }
             let link = PeerDaemonLink(nil, endpoint: peer, key: options.key, session: record.session,
                                       reconnectMillis: Int(migration.reconnectTimeoutMillis), logger: logger)
-            let route = MigrationRoute(peer: link, enginePort: engine.port)
+            let route = makeRoute(link, enginePort: engine.port,
+                              paths: try Self.paths(peer, alsoTo: record.alsoTo, mode: migration.mode),
+                              options: record.options)
             routes.withLock { $0[record.vmName] = route }
-            defer { _ = routes.withLock { $0.removeValue(forKey: record.vmName) } }
+            defer {
+                route.stop()
+                _ = routes.withLock { $0.removeValue(forKey: record.vmName) }
+            }
             let outcome = try SourceResumption.run(record, options: migration, engineStarted: { route.attach($0) })
             let result = try link.finish(outcome)
             let downtime = String(format: "%.1f", result.downtimeMillis)

@@ -17,6 +17,8 @@ final class PeerDaemonLink: @unchecked Sendable {
     private let first: ControlChannel?
     /// Where the destination daemon is reached; `redirect` changes it from another thread.
     private let target: Mutex<Endpoint>
+    /// Where `first` goes (the daemon's address at prepare).
+    private let firstEndpoint: Endpoint
     private var endpoint: Endpoint { target.withLock { $0 } }
     private let key: [UInt8]
     let session: UInt64
@@ -30,6 +32,7 @@ final class PeerDaemonLink: @unchecked Sendable {
         self.channel = channel
         first = channel
         target = Mutex(endpoint)
+        firstEndpoint = endpoint
         self.key = key
         self.session = session
         self.reconnectMillis = reconnectMillis
@@ -81,7 +84,8 @@ final class PeerDaemonLink: @unchecked Sendable {
                 try channel.send(request)
                 return expectsReply ? try channel.receiveReply(timeoutMillis: 900_000) : .ok
             } catch let error as ControlError where error.isConnectionLoss {
-                logger.warning("control link to \(endpoint) lost (\(error)); asking again on a new connection")
+                let to = endpoint == firstEndpoint ? "" : " to \(endpoint)"
+                logger.warning("control link to \(firstEndpoint) lost (\(error)); asking again on a new connection\(to)")
                 self.channel = nil
             }
         }

@@ -25,6 +25,8 @@ public struct SourceSessionRecord: Codable, Sendable, Equatable {
     /// The destination engine (host:port) and daemon (host:port).
     public var engine: String
     public var destinationDaemon: String
+    /// The destination daemon's other addresses (host:port), which the route goes round when the link is down.
+    public var alsoTo: [String]?
     public var options: MigrationRequestOptions
     /// QMP's STOP timestamp (wall clock, seconds: it survives a restart, unlike the monotonic clock, so a
     /// resumed migration's T_release counts from STOP) and the guest's counter before the switch.

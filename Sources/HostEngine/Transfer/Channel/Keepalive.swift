@@ -66,10 +66,12 @@ public final class LinkStatus: Sendable {
     public var losses: Int { lossCount.load(ordering: .relaxed) }
 
     /// How long the link has been down, or nil while it is up.
-    public var downFor: Duration? {
+    public var downFor: Duration? { downSince.map { .nanoseconds(Int64(monotonicNanos() &- $0)) } }
+
+    /// Since when (monotonic nanoseconds) the link is down, or nil while it is up.
+    public var downSince: UInt64? {
         let since = lostAt.load(ordering: .acquiring)
-        guard since != 0 else { return nil }
-        return .nanoseconds(Int64(monotonicNanos() &- since))
+        return since == 0 ? nil : since
     }
 
     func lost(at time: UInt64) {

@@ -34,11 +34,15 @@ public final class SourceEngine: @unchecked Sendable {
     /// The link as the engine sees it, for progress displays: losses so far, and since when it is down.
     public let link = LinkStatus()
     /// Another address of the same destination, for the next connection (see `redirect`).
-    private let redirected = Mutex<Endpoint?>(nil)
+    private let redirected = Mutex<(endpoint: Endpoint, renewsDeadline: Bool)?>(nil)
 
     /// Reach the destination at `endpoint` from the next connection on: a session still connected goes on,
-    /// one reconnecting stops trying the old address and tries this one, with the reconnect deadline renewed.
-    public func redirect(to endpoint: Endpoint) { redirected.withLock { $0 = endpoint } }
+    /// one reconnecting stops trying the old address and tries this one. An operator's redirect renews the
+    /// reconnect deadline (`renewingDeadline`); a daemon going round the peer's addresses by itself does not,
+    /// so that the deadline still bounds the outage.
+    public func redirect(to endpoint: Endpoint, renewingDeadline: Bool = true) {
+        redirected.withLock { $0 = (endpoint, renewingDeadline) }
+    }
 
     /// Pages sent so far (bulk and urgent), for progress displays.
     public var pagesSent: UInt64 {
@@ -88,10 +92,10 @@ public final class SourceEngine: @unchecked Sendable {
         var releasedAtLastLoss: UInt64 = 0
         var destination = destination
         while true {
-            if let next = redirected.withLock({ r -> Endpoint? in defer { r = nil }; return r }) {
-                Log.engine.warning("source: the destination is reached at \(next) from now on (was \(destination))")
-                destination = next
-                stalledSince = monotonicNanos()  // the reconnect deadline starts again from the redirect
+            if let next = redirected.withLock({ r -> (endpoint: Endpoint, renewsDeadline: Bool)? in defer { r = nil }; return r }) {
+                Log.engine.warning("source: the destination is reached at \(next.endpoint) from now on (was \(destination))")
+                destination = next.endpoint
+                if next.renewsDeadline { stalledSince = monotonicNanos() }  // the deadline starts again from here
                 backoffMicros = 50_000
             }
             do {
