@@ -135,8 +135,12 @@ import Testing
 
     /// The destination's second address given at migrate time (--also-to): the first path goes down for good mid
     /// push and the daemons move to the second by themselves; every page matches and the guest's verdict is OK.
-    @Test func theFirstPathDiesAndTheMigrationMovesToTheDestinationsOtherAddressByItself() throws {
-        let demo = try runDemo("demo-reroute-auto", ["REROUTE": "auto"])
+    /// With a daemon SIGKILLed right after the cut (a double failure), its successor finds the second path: the
+    /// source's from its record, the destination's because it listens on both.
+    @Test(arguments: ["", "source", "destination"])
+    func theFirstPathDiesAndTheMigrationMovesToTheDestinationsOtherAddressByItself(kill: String) throws {
+        let demo = try runDemo("demo-reroute-auto\(kill)", kill.isEmpty ? ["REROUTE": "auto"]
+                                                                          : ["REROUTE": "auto", "KILL_DAEMON": kill])
         #expect(demo.stdout.contains("trying the destination's other address"), "\(demo.stdout)")
         #expect(demo.stdout.contains("recovered by itself"), "\(demo.stdout)")
         expectVerifiedEnlightenedRow(demo.stdout)

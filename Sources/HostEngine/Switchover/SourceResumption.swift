@@ -34,6 +34,9 @@ public enum SourceResumption {
             throw MigrationError.failed("\(record.ramFile) holds \(engine.regionPages) pages, the record says "
                 + "\(record.regionPages): not this migration's file")
         }
+        // The session was lost with the previous daemon: the link is down until this engine is back in it (which is
+        // what a route going round the destination's addresses watches for).
+        engine.link.lost(at: monotonicNanos())
         engineStarted?(engine)
         // QEMU's device stream ended long ago: nothing holds the bulk push (holdBulkUntilReleased stays off).
         let report: SourceReport
