@@ -1,5 +1,6 @@
 /*
- * CVirt: system library module for <libvirt/libvirt.h>, found through pkg-config.
+ * CVirt: system library module for <libvirt/libvirt.h>, its errors and libvirt-qemu (monitor pass-through),
+ * found through pkg-config.
  * Import SwiftGlibc first: otherwise glibc's headers are parsed a second time into this module and
  * clang cannot merge their anonymous structs (fd_set) with SwiftGlibc's, failing clean builds.
  */
@@ -7,3 +8,5 @@
 #pragma clang module import SwiftGlibc
 #endif
 #include <libvirt/libvirt.h>
+#include <libvirt/virterror.h>
+#include <libvirt/libvirt-qemu.h>

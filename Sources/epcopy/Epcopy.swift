@@ -20,7 +20,7 @@ struct Epcopy: AsyncParsableCommand {
             between two namespaced hosts; `epcopy serve`, `epcopy vm start` and `epcopy migrate` are the \
             operator's commands; `epcopy agent --once` shows what the agent would report on this host.
             """,
-        subcommands: [Probe.self, Serve.self, VM.self, Migrate.self, Agent.self, Engine.self, Bench.self]
+        subcommands: [Probe.self, Serve.self, VM.self, Migrate.self, Libvirt.self, Agent.self, Engine.self, Bench.self]
     )
 }
 
