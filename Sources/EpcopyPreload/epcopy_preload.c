@@ -234,6 +234,18 @@ static void *maybe_hand_over(void *addr, size_t len, int fd, off64_t off) {
     } while (crc < 0 && errno == EINTR);
     if (crc < 0) {
         int err = errno;
+        const char *optional = getenv("EPCOPY_SHIM_OPTIONAL");
+        if (optional != NULL && strcmp(optional, "1") == 0 && (err == ENOENT || err == ECONNREFUSED)) {
+            /* No engine waits for this QEMU (a boot, or a migration QEMU's own stream carries): the mapping stays
+             * ordinary memory. Safe only because the destination skips RAM (x-ignore-shared) solely when an
+             * engine took the uffd, which never happened here. Closing the uffd unregisters the range. */
+            say("no engine at %s (%s): %s stays ordinary memory (EPCOPY_SHIM_OPTIONAL)", sock_path,
+                errtext(err, ebuf, sizeof ebuf), file);
+            close(a.sock);
+            close(a.uffd);
+            close(a.mem_dup);
+            return addr;
+        }
         say("no engine at %s: connect: %s", sock_path, errtext(err, ebuf, sizeof ebuf));
         return fail(&a, err);
     }

@@ -326,6 +326,30 @@ private func serveFaults(uffd: Int32, hva: UInt64, length: UInt64, seed: UInt64,
         #expect(lines.contains { $0.hasPrefix("memtouch: mmap \(file.path)") })
     }
 
+    /// EPCOPY_SHIM_OPTIONAL (a libvirt domain's definition carries the shim on every boot): with nobody at the
+    /// socket the mapping stays ordinary memory and the program runs; an engine that is there but silent still
+    /// fails the mmap, as without the option.
+    @Test func anOptionalShimLeavesTheMappingAloneOnlyWhenNoEngineIsThere() throws {
+        let file = try ShmFile(size: 1 << 20)
+        let socket = SocketPath() // nobody listens here
+        let alone = try Child(Built.memtouch, [file.path, String(file.size), "5", "--verify-only"], environment: [
+            "LD_PRELOAD": Built.preload, "EPCOPY_SHIM_PREFIX": shmPrefix, "EPCOPY_SHIM_SOCKET": socket.path,
+            "EPCOPY_SHIM_OPTIONAL": "1", "MEMTOUCH_ZERO_PAGES": "0-255",
+        ])
+        #expect(alone.wait(timeout: .seconds(20)) != nil)
+        let output = alone.output()
+        #expect(alone.exitCode == 0, "stderr: \(output.stderr)")
+        #expect(output.stdout == "OK pages=256\n")
+        #expect(output.stderr.contains("stays ordinary memory (EPCOPY_SHIM_OPTIONAL)"), "stderr: \(output.stderr)")
+
+        let listener = try UffdHandoverListener(path: socket.path) // listens, never accepts
+        let silent = try launchMemtouch(file: file, socket: socket.path, seed: 1,
+                                        extra: ["EPCOPY_SHIM_TIMEOUT_MS": "300", "EPCOPY_SHIM_OPTIONAL": "1"])
+        #expect(silent.wait(timeout: .seconds(20)) != nil)
+        #expect(silent.exitCode == 2, "stderr: \(silent.output().stderr)")
+        withExtendedLifetime(listener) {}
+    }
+
     @Test func anEngineThatNeverRepliesMakesTheShimTimeOut() throws {
         let file = try ShmFile(size: 1 << 20)
         let socket = SocketPath()

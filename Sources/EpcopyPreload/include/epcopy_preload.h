@@ -8,6 +8,10 @@
  *   EPCOPY_SHIM_SOCKET      the engine's SOCK_SEQPACKET unix socket.
  *   EPCOPY_UFFD_MODE        "missing" (default) or "missing+minor".
  *   EPCOPY_SHIM_TIMEOUT_MS  how long to wait for the engine's reply; default 10000.
+ *   EPCOPY_SHIM_OPTIONAL    "1": when nobody listens at EPCOPY_SHIM_SOCKET (no such socket, or refused), leave
+ *                           the mapping ordinary memory instead of failing it. For a libvirt domain whose
+ *                           definition always carries the shim: its boots and libvirt's own migrations have
+ *                           no engine, and only an engine that took the uffd lets the destination skip RAM.
  *
  * The wire format is in CEpcopyHandover.h.
  */
