@@ -64,6 +64,13 @@ demo: deps guest
 	@scripts/demo
 .PHONY: demo
 
+# The same for a libvirt domain: one real libvirt daemon and one epcopy daemon per namespaced host, the test guest
+# defined on host A and moved by `epcopy migrate --libvirt` once per mode (DEMO_LIBVIRT_MODES, DEMO_LIBVIRT_CHECK=1).
+demo-libvirt: deps guest
+	$(SWIFT) build -c release
+	@scripts/demo-libvirt
+.PHONY: demo-libvirt
+
 # The demo's hosts and a VM, held for trying things by hand (it prints the commands); Ctrl-C tears them down.
 demo-hosts: deps guest
 	$(SWIFT) build -c release

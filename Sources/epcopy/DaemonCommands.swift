@@ -71,6 +71,19 @@ struct Serve: ParsableCommand {
             + "(the fenced RAM file still holds what the destination lacks), calls off those that had not switched, "
             + "and adopts the QEMUs of migrations it was receiving.", valueName: "dir"))
     var stateDir: String?
+    @Option(help: ArgumentHelp(
+        "The libvirt daemon of this host, e.g. qemu:///system: its domains can be migrated (migrate --libvirt) and received.",
+        discussion: "The domain stays libvirt's on both hosts: libvirt moves it peer to peer, defines it on the "
+            + "destination and undefines it on the source (unless migrate --keep-source-definition).",
+        valueName: "uri"))
+    var libvirt: String?
+    @Option(name: .customLong("libvirt-migrate-uri"), help: ArgumentHelp(
+        "How other hosts' libvirt daemons reach this host's, for a peer-to-peer migration (default: qemu+tcp://<--listen address>/system).",
+        valueName: "uri"))
+    var libvirtMigrateURI: String?
+    @Option(name: .customLong("libvirt-ram-prefix"), help: ArgumentHelp("Where this host's libvirt puts file-backed guest RAM: qemu.conf's memory_backing_dir and a slash (what `epcopy libvirt check --ram-prefix` checks for).",
+                               valueName: "prefix"))
+    var libvirtRAMPrefix = "/var/lib/libvirt/qemu/ram/"
     @OptionGroup var link: LinkOptions
 
     func run() throws {
@@ -88,6 +101,9 @@ struct Serve: ParsableCommand {
             link: try link.spec())
         daemonOptions.hotReportEveryMillis = UInt64(hotReportEvery * 1000)
         if let stateDir { daemonOptions.stateDirectory = stateDir }
+        daemonOptions.libvirtURI = libvirt
+        daemonOptions.libvirtMigrateURI = libvirtMigrateURI
+        daemonOptions.libvirtRAMPrefix = libvirtRAMPrefix
         let daemon = Daemon(options: daemonOptions)
         let listener: Listener
         do { listener = try TCP.listen(on: endpoint) } catch { throw CLIError("listen on \(endpoint): \(error)") }
@@ -239,6 +255,10 @@ struct Migrate: ParsableCommand {
     var alsoTo: [String] = []
     @Option(help: "With --also-to: how long the link may stay down on one address before the next is tried, in seconds.")
     var failoverAfter: Double = 2
+    @Flag(help: ArgumentHelp("NAME is a libvirt domain of the daemon's libvirt (serve --libvirt): the libvirt daemons move it.",
+                             discussion: "postcopy and precopy are libvirt's own migrations (peer to peer, live); the domain ends up defined and running on the destination's libvirt and, unless --keep-source-definition, undefined on the source. Enlightened mode needs what `epcopy libvirt check NAME` lists."))
+    var libvirt = false
+    @Flag(help: "With --libvirt: keep the domain defined (shut off) on the source host.") var keepSourceDefinition = false
     @Flag(help: ArgumentHelp("Call off the migration of NAME that its daemon is sending, if it has not switched yet.",
                              discussion: "Ctrl-C on a running `epcopy migrate` does the same."))
     var cancel = false
@@ -273,7 +293,9 @@ struct Migrate: ParsableCommand {
         guard failoverAfter.isFinite, (0.1...600).contains(failoverAfter) else {
             throw ValidationError("--failover-after: 0.1...600 seconds")
         }
+        if keepSourceDefinition && !libvirt { throw ValidationError("--keep-source-definition needs --libvirt") }
         if alsoTo.isEmpty { return }
+        if libvirt { throw ValidationError("--also-to: not for libvirt domains (libvirt migrates over one path)") }
         guard mode == MigrationMode.enlightened.rawValue else {
             throw ValidationError("--also-to needs --mode enlightened: QEMU's own migration stream has one address")
         }
@@ -326,7 +348,11 @@ struct Migrate: ParsableCommand {
             }
             interrupt.resume()
             defer { interrupt.cancel() }
-            try channel.send(.migrate(MigrateRequest(name: name, to: to, alsoTo: alsoTo, options: options)))
+            try channel.send(.migrate({
+                var request = MigrateRequest(name: name, to: to, alsoTo: alsoTo, options: options)
+                if libvirt { (request.libvirt, request.keepSourceDefinition) = (true, keepSourceDefinition) }
+                return request
+            }()))
             var reply = try channel.receiveReply(timeoutMillis: 3_600_000)
             while case .progress(let progress) = reply {
                 if showProgress { ProgressBar.draw(progress, label: "\(name) → \(to) (\(mode))") }
@@ -353,6 +379,7 @@ struct Migrate: ParsableCommand {
             print(MigrationTable.row(result))
             if let line = MigrationTable.agentLine(result) { print(line) }
             if let line = MigrationTable.linkLine(result) { print(line) }
+            if let line = MigrationTable.libvirtLine(result) { print(line) }
         }
         if result.mismatchedPages != 0 || result.guestVerdict != "OK" { throw ExitCode(1) }
     }

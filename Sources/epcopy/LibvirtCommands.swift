@@ -26,13 +26,14 @@ struct LibvirtDomainOptions: ParsableArguments {
     @Option(help: ArgumentHelp("The shim as the destination host has it.",
                                discussion: "Default: libEpcopyPreload.so next to this epcopy binary."))
     var shim: String?
-    @Option(help: "libvirt's memory_backing_dir (qemu.conf), where file-backed guest RAM lives.")
-    var memoryBackingDir = "/var/lib/libvirt/qemu/ram"
+    @Option(help: ArgumentHelp("Where libvirt's file-backed guest RAM is: qemu.conf's memory_backing_dir and a slash.",
+                               discussion: "A prefix of the RAM files' paths that holds on every host (the shim hands over only those files)."))
+    var ramPrefix = "/var/lib/libvirt/qemu/ram/"
 
     var requirements: DomainRequirements {
         let library = shim ?? URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().deletingLastPathComponent()
             .appendingPathComponent("libEpcopyPreload.so").path
-        return DomainRequirements(memoryBackingDirectory: memoryBackingDir, shimLibrary: library)
+        return DomainRequirements(memoryBackingDirectory: ramPrefix, shimLibrary: library)
     }
 
     func open() throws -> (LibvirtConnection, LibvirtDomain) {

@@ -47,6 +47,12 @@ enum MigrationTable {
                       (r.recovered == true ? "recovered by itself" : "not recovered") as NSString,
                       (r.pausedMillis ?? 0) / 1000)
     }
+
+    /// A libvirt domain's migration: what each host's libvirt says of the domain now.
+    static func libvirtLine(_ r: MigrationResult) -> String? {
+        guard let version = r.libvirtVersion else { return nil }
+        return "libvirt \(version): the source says \(r.sourceState ?? "?"), the destination \(r.destinationState ?? "?")"
+    }
 }
 
 /// One line, redrawn in place: how much of the VM's memory has moved.

@@ -9,7 +9,7 @@ import Testing
 
 @Suite(.tier(.unit)) struct DomainRequirementsTests {
     static let uuid = "5d0b6a3e-9c1f-4b7a-8e2d-1f3c5a7b9d0e"
-    let requirements = DomainRequirements(memoryBackingDirectory: "/var/lib/libvirt/qemu/ram",
+    let requirements = DomainRequirements(memoryBackingDirectory: "/var/lib/libvirt/qemu/ram/",
                                           shimLibrary: "/opt/epcopy/libEpcopyPreload.so")
 
     static func domain(memoryBacking: String = "", cpu: String = "", devices: String = "", extra: String = "") -> String {

@@ -48,6 +48,11 @@ public struct Prerequisite: Sendable {
         isMet: geteuid() == 0 && findExecutable("ip"),
         reason: "needs root and iproute2 (apt-get install -y iproute2) for network namespaces")
 
+    /// A libvirt daemon with its QEMU driver, and virsh (scripts/install-deps installs them).
+    public static let libvirt = Prerequisite(
+        isMet: findExecutable("/usr/sbin/libvirtd") && findExecutable("virsh"),
+        reason: "libvirtd and virsh are not installed (scripts/install-deps: libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients)")
+
     private static func exists(_ path: String) -> Bool { access(path, F_OK) == 0 }
 
     private static func findExecutable(_ name: String) -> Bool {

@@ -22,6 +22,9 @@ public enum ControlRequest: Codable, Sendable {
     case redirect(name: String, to: String)
     /// Source daemon → destination daemon: prepare to receive (answered with `prepared`).
     case incoming(IncomingRequest)
+    /// Source daemon → destination daemon: prepare to receive a libvirt domain that the libvirt daemons move
+    /// (answered with `preparedDomain`).
+    case incomingDomain(IncomingDomainRequest)
     /// Source daemon → destination daemon, after the switch: what the source saw (answered with `result`).
     case finish(source: SourceOutcome)
     /// Source daemon → destination daemon, before the switch: the migration is off.
@@ -43,6 +46,7 @@ public enum ControlRequest: Codable, Sendable {
         case .resume: "resume"
         case .redirect: "redirect"
         case .incoming: "incoming"
+        case .incomingDomain: "incoming (libvirt domain)"
         case .finish: "finish"
         case .abort: "abort"
         case .finishSession: "finish (rejoined)"
@@ -86,11 +90,31 @@ public struct MigrateRequest: Codable, Sendable {
     /// The same daemon's other addresses (other paths to its host), tried in turn when the link stays down.
     public var alsoTo: [String]?
     public var options: MigrationRequestOptions
+    /// `name` is a domain of the libvirt daemon this daemon serves with (`serve --libvirt`), moved by the libvirt
+    /// daemons of both hosts.
+    public var libvirt: Bool?
+    /// With `libvirt`: keep the domain defined (shut off) on the source instead of undefining it there.
+    public var keepSourceDefinition: Bool?
 
     public init(name: String, to: String, alsoTo: [String] = [], options: MigrationRequestOptions) {
         self.name = name
         self.to = to
         self.alsoTo = alsoTo.isEmpty ? nil : alsoTo
+        self.options = options
+    }
+}
+
+public struct IncomingDomainRequest: Codable, Sendable {
+    /// The domain's name and UUID (the same on both hosts).
+    public var name: String
+    public var uuid: String
+    public var session: UInt64
+    public var options: MigrationRequestOptions
+
+    public init(name: String, uuid: String, session: UInt64, options: MigrationRequestOptions) {
+        self.name = name
+        self.uuid = uuid
+        self.session = session
         self.options = options
     }
 }
@@ -123,6 +147,9 @@ public enum ControlReply: Codable, Sendable {
     case serial(log: String)
     /// The destination is ready: QEMU's migration stream goes to `migrationURI`, RAM to `engine` (enlightened).
     case prepared(migrationURI: String, engineHost: String?, enginePort: UInt16?)
+    /// The destination is ready for a libvirt domain: the source's libvirtd migrates it to `libvirtURI`
+    /// (peer to peer), QEMU's own stream goes to `streamURI`.
+    case preparedDomain(libvirtURI: String, streamURI: String)
     case progress(MigrationProgress)
     case result(MigrationResult)
     case error(String)

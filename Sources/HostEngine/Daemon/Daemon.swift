@@ -24,6 +24,13 @@ public struct DaemonOptions: Sendable {
     public var hotReportEveryMillis: UInt64 = 10_000
     /// Where migrations past their switch are recorded (SessionStore), so a restarted daemon finishes them.
     public var stateDirectory: String
+    /// The libvirt daemon whose domains this daemon migrates (`migrate --libvirt`) and receives; nil: none.
+    public var libvirtURI: String?
+    /// How a source host's libvirtd reaches this host's (peer to peer); nil: `qemu+tcp://<listen host>/system`.
+    public var libvirtMigrateURI: String?
+    /// Where libvirt's file-backed guest RAM is (a prefix of the files' paths: qemu.conf `memory_backing_dir` and a
+    /// slash), which `epcopy libvirt check` expects as the shim's prefix.
+    public var libvirtRAMPrefix = "/var/lib/libvirt/qemu/ram/"
 
     /// The default state directory of a daemon: one per instance under /var/lib/epcopy.
     public static func defaultStateDirectory(instance: String) -> String { "/var/lib/epcopy/\(instance)" }
@@ -47,9 +54,9 @@ public final class Daemon: @unchecked Sendable {
     let vms = Mutex<[String: QEMUProcess]>([:])
     /// The record of each VM in `vms` that outlives the daemon (see DaemonVMs), by name.
     let vmRecords = Mutex<[String: UInt64]>([:])
-    private let busy = Mutex<Set<String>>([])
+    let busy = Mutex<Set<String>>([])
     /// The migrations this daemon is sending, by VM: what a cancel request acts on.
-    private let cancels = Mutex<[String: MigrationCancel]>([:])
+    let cancels = Mutex<[String: MigrationCancel]>([:])
     private let keepers = Mutex<[String: HotReportKeeper]>([:])
     /// The migrations this daemon receives (and the last few it received), by session: where a source whose
     /// control connection was lost delivers its finish or abort again (see ControlRejoin).
@@ -184,6 +191,7 @@ public final class Daemon: @unchecked Sendable {
             let name = try Self.validName(name)
             guard let vm = vms.withLock({ $0[name] }) else { throw ControlError.remote("no VM \(name) here") }
             return .serial(log: String(vm.serialLog.suffix(8192)))
+        case .migrate(let migrate) where migrate.libvirt == true: return try migrateDomainOut(migrate, channel: channel)
         case .migrate(let migrate): return try migrateOut(migrate, channel: channel)
         case .cancel(let name):
             let name = try Self.validName(name)
@@ -198,6 +206,7 @@ public final class Daemon: @unchecked Sendable {
             logger.info("cancel of the migration of \(name) requested")
             return .ok
         case .incoming(let incoming): return try self.incoming(incoming, channel: channel)
+        case .incomingDomain(let incoming): return try incomingDomain(incoming, channel: channel)
         case .finish, .abort: throw ControlError.protocolViolation("\(request.name) outside a migration")
         case .resume(let name): return try awaitResumed(try Self.validName(name))
         case .redirect(let name, let to): return try redirect(try Self.validName(name), to: to)

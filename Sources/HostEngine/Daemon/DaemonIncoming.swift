@@ -177,7 +177,7 @@ extension Daemon {
         return .result(try answer.get())
     }
 
-    private enum LastWord {
+    enum LastWord {
         case said(ControlRejoin.Step)
         /// The control connection was lost, the source never came back, and the guest never ran here.
         case silentBeforeSwitch
@@ -189,8 +189,8 @@ extension Daemon {
     /// only a rejoin brings it. The source comes back when its side is done (after its own drain), so the wait
     /// runs `reconnectMillis` past whichever is later, the loss or the last page landing here; a guest that
     /// never ran here is given up `reconnectMillis` after the loss.
-    private func lastWord(from channel: ControlChannel?, rejoin: ControlRejoin, session: UInt64,
-                          destination: DestinationSide, reconnectMillis: Int) -> LastWord {
+    func lastWord(from channel: ControlChannel?, rejoin: ControlRejoin, session: UInt64,
+                  destination: any ArrivingGuest, reconnectMillis: Int) -> LastWord {
         var lostAt: UInt64? = channel == nil ? monotonicNanos() : nil
         var drainedAt: UInt64?
         let patience = UInt64(reconnectMillis) * 1_000_000
@@ -215,7 +215,7 @@ extension Daemon {
                 continue
             }
             let now = monotonicNanos()
-            if !destination.qemu.isRunning { return destination.hasResumed ? .silentAfterSwitch : .silentBeforeSwitch }
+            if !destination.isAlive { return destination.hasResumed ? .silentAfterSwitch : .silentBeforeSwitch }
             if destination.hasDrained, drainedAt == nil { drainedAt = now }
             if destination.hasResumed {
                 if let drained = drainedAt, now > max(drained, lost) + patience { return .silentAfterSwitch }
@@ -226,7 +226,7 @@ extension Daemon {
     }
 
     /// Registers a migration's rendezvous; forgets the oldest finished ones beyond the last 16.
-    private func remember(_ rejoin: ControlRejoin, session: UInt64) {
+    func remember(_ rejoin: ControlRejoin, session: UInt64) {
         rejoins.withLock { all in
             all[session] = rejoin
             if all.count > 16 {
@@ -241,4 +241,18 @@ extension Daemon {
         recordVM(name, destination.qemu)
         keepHotReport(name, destination.qemu)
     }
+}
+
+/// What the destination daemon watches of a guest arriving here while it waits for the source's last word.
+protocol ArrivingGuest {
+    /// Its QEMU still runs here.
+    var isAlive: Bool { get }
+    /// It has run here (RESUME).
+    var hasResumed: Bool { get }
+    /// Every page is here.
+    var hasDrained: Bool { get }
+}
+
+extension DestinationSide: ArrivingGuest {
+    var isAlive: Bool { qemu.isRunning }
 }

@@ -52,6 +52,17 @@ final class PeerDaemonLink: @unchecked Sendable {
         return (uri, engine)
     }
 
+    /// Asks the destination to prepare for a libvirt domain; returns where the source's libvirtd migrates it and
+    /// where QEMU's stream goes. Nothing is retried: a failure here leaves the domain where it runs.
+    func prepareDomain(_ request: IncomingDomainRequest) throws -> (libvirtURI: String, streamURI: String) {
+        guard let channel else { throw ControlError.io("no connection to \(endpoint)") }
+        try channel.send(ControlRequest.incomingDomain(request))
+        guard case .preparedDomain(let libvirtURI, let streamURI) = try channel.receiveReply(timeoutMillis: 120_000),
+              libvirtURI.hasPrefix("qemu+"), streamURI.hasPrefix("tcp://")
+        else { throw ControlError.protocolViolation("incomingDomain answered without a qemu+ libvirt URI and a tcp:// stream") }
+        return (libvirtURI, streamURI)
+    }
+
     /// Tells the destination what the source saw after the switch; returns the migration's result.
     func finish(_ source: SourceOutcome) throws -> MigrationResult {
         let reply = try lastWord(.finish(source: source), again: .finishSession(session: session, source: source))

@@ -63,14 +63,15 @@ public struct DomainCheck: Codable, Sendable {
 public struct DomainRequirements: Sendable {
     public static let qemuNamespace = "http://libvirt.org/schemas/domain/qemu/1.0"
     public static let agentChannel = "org.epcopy.agent.0"
-    /// Where libvirt puts file-backed guest RAM (qemu.conf `memory_backing_dir`), the shim's prefix.
+    /// A prefix of the paths of libvirt's file-backed guest RAM (qemu.conf `memory_backing_dir` and a slash, or a
+    /// prefix common to every host's), the shim's EPCOPY_SHIM_PREFIX.
     public var memoryBackingDirectory: String
     /// The shim, libEpcopyPreload.so, as the destination host has it.
     public var shimLibrary: String
     /// Where epcopy's per-domain sockets live (libvirt's run directory for QEMU: on every host, local to it).
     public var socketDirectory = "/run/libvirt/qemu"
 
-    public init(memoryBackingDirectory: String = "/var/lib/libvirt/qemu/ram", shimLibrary: String) {
+    public init(memoryBackingDirectory: String = "/var/lib/libvirt/qemu/ram/", shimLibrary: String) {
         self.memoryBackingDirectory = memoryBackingDirectory
         self.shimLibrary = shimLibrary
     }
@@ -82,7 +83,7 @@ public struct DomainRequirements: Sendable {
 
     /// The environment the shim needs, in order.
     func shimEnvironment(uuid: String) -> [(String, String)] {
-        [("LD_PRELOAD", shimLibrary), ("EPCOPY_SHIM_PREFIX", memoryBackingDirectory.hasSuffix("/") ? memoryBackingDirectory : memoryBackingDirectory + "/"),
+        [("LD_PRELOAD", shimLibrary), ("EPCOPY_SHIM_PREFIX", memoryBackingDirectory),
          ("EPCOPY_SHIM_SOCKET", shimSocket(uuid: uuid)), ("EPCOPY_SHIM_OPTIONAL", "1")]
     }
 

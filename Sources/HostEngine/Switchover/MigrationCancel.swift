@@ -26,4 +26,7 @@ public final class MigrationCancel: Sendable {
     }
 
     public var hasSwitched: Bool { state.load(ordering: .acquiring) == Self.switching }
+
+    /// A cancel won (the migration must stop before its switch).
+    public var isRequested: Bool { state.load(ordering: .acquiring) == Self.cancelled }
 }

@@ -44,6 +44,11 @@ public struct MigrationResult: Sendable, Codable {
     public var recovered: Bool? = nil
     /// Time spent with the link down, from noticing the loss to the resumed session.
     public var pausedMillis: Double? = nil
+    /// A libvirt domain's migration: the destination's libvirt version, and what each host's libvirt says of the
+    /// domain afterwards ("running", "shut off", "absent"); nil for VMs epcopy's daemons started.
+    public var libvirtVersion: String? = nil
+    public var sourceState: String? = nil
+    public var destinationState: String? = nil
 
     enum CodingKeys: String, CodingKey {
         case mode
@@ -73,6 +78,9 @@ public struct MigrationResult: Sendable, Codable {
         case linkLosses = "link_losses"
         case recovered
         case pausedMillis = "paused_ms"
+        case libvirtVersion = "libvirt_version"
+        case sourceState = "source_state"
+        case destinationState = "destination_state"
     }
 
     /// Every key always present (`--json` is a contract): what does not apply is null, and `enlightened` is false
@@ -106,6 +114,9 @@ public struct MigrationResult: Sendable, Codable {
         try c.encode(linkLosses, forKey: .linkLosses)
         try c.encode(recovered, forKey: .recovered)
         try c.encode(pausedMillis, forKey: .pausedMillis)
+        try c.encode(libvirtVersion, forKey: .libvirtVersion)
+        try c.encode(sourceState, forKey: .sourceState)
+        try c.encode(destinationState, forKey: .destinationState)
     }
 }
 

@@ -51,6 +51,12 @@ public struct SourceOutcome: Sendable, Codable {
     /// Sessions the source engine lost to the link and resumed, and the time between loss and resume.
     public var linkLosses: Int? = nil
     public var pausedMillis: Double? = nil
+    /// A libvirt domain: what the source's libvirt says of it after the migration ("shut off", "absent"), and the
+    /// downtime its completed job reported, if it kept the job.
+    public var sourceState: String? = nil
+    public var libvirtDowntimeMillis: Double? = nil
+    /// Pages a libvirt post-copy destination asked for (libvirt's job statistics on the source).
+    public var postcopyRequests: UInt64? = nil
 }
 
 /// How far a migration has got, as a progress display shows it.

@@ -44,28 +44,35 @@ struct GuestVerdict: Sendable, Equatable {
     /// OK when the destination's tester goes on counting past the source's last count (`before`) and never says
     /// CORRUPT; waits up to `settle` seconds (plus 20 for a slow guest) for two new lines.
     static func watch(_ destination: QEMUProcess, before: Int?, settle: Double) -> GuestVerdict {
+        watch(log: { destination.serialLog }, state: { destination.runState.map { "QEMU \($0)" } }, before: before,
+              settle: settle)
+    }
+
+    /// The same for a guest whose console is `log()` (e.g. a libvirt domain's serial log); `state()` names the VM's
+    /// state for a verdict without progress.
+    static func watch(log: () -> String, state: () -> String?, before: Int?, settle: Double) -> GuestVerdict {
         // A guest that never ran the memory tester (a workload image) has no verdict of its own; a crash
         // on its console still counts.
-        if before == nil, lastCounter(destination.serialLog) == nil {
+        if before == nil, lastCounter(log()) == nil {
             usleep(UInt32(min(max(settle, 0), 10) * 1_000_000))
-            if let crash = crash(destination.serialLog) { return GuestVerdict(verdict: "CRASHED: \(crash)") }
+            if let crash = crash(log()) { return GuestVerdict(verdict: "CRASHED: \(crash)") }
             return GuestVerdict(verdict: "no memory tester")
         }
         let deadline = Date().addingTimeInterval(max(settle, 1) + 20)
         var after: Int?
         while Date() < deadline {
-            let log = destination.serialLog
-            if log.contains("CORRUPT") { return GuestVerdict(verdict: "CORRUPT", counterAfter: lastCounter(log)) }
-            if let crash = crash(log) { return GuestVerdict(verdict: "CRASHED: \(crash)", counterAfter: lastCounter(log)) }
-            after = lastCounter(log)
+            let text = log()
+            if text.contains("CORRUPT") { return GuestVerdict(verdict: "CORRUPT", counterAfter: lastCounter(text)) }
+            if let crash = crash(text) { return GuestVerdict(verdict: "CRASHED: \(crash)", counterAfter: lastCounter(text)) }
+            after = lastCounter(text)
             if let after, let before, after >= before + 2 { return GuestVerdict(verdict: "OK", counterAfter: after) }
             if before == nil, after != nil { return GuestVerdict(verdict: "OK", counterAfter: after) }
             usleep(200_000)
         }
-        let status = destination.runState ?? "?"
-        let tail = destination.serialLog.suffix(300).replacingOccurrences(of: "\r\n", with: " | ")
-        Log.engine.trace("guest verdict: no progress; destination QEMU \(status), serial: \(tail)")
-        return GuestVerdict(verdict: after == nil ? "NO OUTPUT (QEMU \(status))" : "STALLED (QEMU \(status))",
+        let status = state() ?? "?"
+        let tail = log().suffix(300).replacingOccurrences(of: "\r\n", with: " | ")
+        Log.engine.trace("guest verdict: no progress; destination \(status), serial: \(tail)")
+        return GuestVerdict(verdict: after == nil ? "NO OUTPUT (\(status))" : "STALLED (\(status))",
                             counterAfter: after)
     }
 }

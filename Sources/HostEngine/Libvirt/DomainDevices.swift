@@ -1,0 +1,29 @@
+// DomainDevices: where a running libvirt domain's devices are on this host, read from its live XML — the file
+// its serial console is logged to (the memory tester's lines, for the guest's verdict) and the socket libvirt
+// bound for the guest agent's channel. Pure: XML in, paths out.
+
+import Foundation
+import FoundationXML
+
+public struct DomainDevices: Sendable, Equatable {
+    /// `<serial>`'s (or `<console>`'s) `<log file=…>`.
+    public var serialLog: String?
+    /// The host end of the `org.epcopy.agent.0` channel.
+    public var agentSocket: String?
+
+    public init(liveXML text: String) throws {
+        let document: XMLDocument
+        do { document = try XMLDocument(xmlString: text, options: []) } catch {
+            throw DomainXMLError("the domain XML does not parse: \(error)")
+        }
+        func first(_ path: String) -> String? { ((try? document.nodes(forXPath: path)) ?? []).first?.stringValue }
+        serialLog = first("/domain/devices/serial/log/@file") ?? first("/domain/devices/console/log/@file")
+        agentSocket = first("/domain/devices/channel[target/@name='\(DomainRequirements.agentChannel)']/source/@path")
+    }
+
+    /// The serial log's contents so far ("" when there is none, or it cannot be read).
+    public func readSerialLog() -> String {
+        guard let serialLog, let data = FileManager.default.contents(atPath: serialLog) else { return "" }
+        return String(decoding: data, as: UTF8.self)
+    }
+}
