@@ -61,8 +61,7 @@ extension Daemon {
         let counterBefore = GuestVerdict.lastCounter(devices.readSerialLog())
         logger.info("libvirt migrates \(name) to \(libvirtURI) (\(migration.mode.rawValue)), QEMU stream \(streamURI)")
 
-        // While libvirt migrates: progress to the client, a cancel turned into an abort of libvirt's job, and (post-copy)
-        // the switch as soon as libvirt's job runs.
+        // While libvirt migrates, two threads watch it (below); `stopWatching` ends them.
         let done = Atomic<Bool>(false)
         let lastStats = Mutex<LibvirtJobStats?>(nil)
         // When libvirt's domain here was first seen paused (the switch): libvirt reports no downtime for a
@@ -102,24 +101,25 @@ extension Daemon {
                 usleep(20_000)
             }
         }
+        func stopWatching() {
+            done.store(true, ordering: .releasing)
+            watcher.join()
+            switcher.join()
+        }
         let start = monotonicNanos()
         do {
             try domain.migrate(LibvirtMigrationRequest(destinationURI: libvirtURI, streamURI: streamURI,
                                                        postcopy: migration.mode == .postcopy,
                                                        keepSourceDefinition: request.keepSourceDefinition ?? false))
         } catch {
-            done.store(true, ordering: .releasing)
-            watcher.join()
-            switcher.join()
+            stopWatching()
             peer.abort()
             let state = (try? domain.state()) ?? "unknown"
             throw ControlError.remote("libvirt's migration of \(name) failed (\(error)); libvirt says it is \(state) here")
         }
         let end = monotonicNanos()
         let completed = domain.jobStats(completed: true)
-        done.store(true, ordering: .releasing)
-        watcher.join()
-        switcher.join()
+        stopWatching()
         let seen = completed ?? lastStats.withLock { $0 }
         var outcome = SourceOutcome(stopTimestamp: pausedAt.withLock { $0 } ?? 0, tReleaseMillis: Double(end - start) / 1e6,
                                     bytesWire: seen?.dataProcessed ?? seen?.memoryTransferred ?? 0,

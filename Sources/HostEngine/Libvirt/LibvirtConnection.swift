@@ -45,7 +45,7 @@ public final class LibvirtConnection: @unchecked Sendable {
         return LibvirtDomain(d, name: name)
     }
 
-    /// The domain's name if the daemon has it (running or defined), else nil.
+    /// Whether the daemon has a domain of that name (running or defined).
     public func hasDomain(_ name: String) -> Bool {
         guard let d = virDomainLookupByName(connection, name) else { return false }
         virDomainFree(d)
