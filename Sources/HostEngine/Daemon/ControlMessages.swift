@@ -149,7 +149,9 @@ public enum ControlReply: Codable, Sendable {
     case prepared(migrationURI: String, engineHost: String?, enginePort: UInt16?)
     /// The destination is ready for a libvirt domain: the source's libvirtd migrates it to `libvirtURI`
     /// (peer to peer), QEMU's own stream goes to `streamURI`.
-    case preparedDomain(libvirtURI: String, streamURI: String)
+    /// Where the source's libvirtd reaches this host's, where QEMU's stream goes, and (enlightened mode) the port
+    /// this host's engine listens on.
+    case preparedDomain(libvirtURI: String, streamURI: String, enginePort: UInt16?)
     case progress(MigrationProgress)
     case result(MigrationResult)
     case error(String)

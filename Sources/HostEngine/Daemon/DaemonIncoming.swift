@@ -86,19 +86,23 @@ extension Daemon {
 
     /// From prepared to the end: waits for the source's last word (on `channel` while it lives; a side adopted
     /// after a restart has none and waits for a rejoin) and finishes, keeps or gives up the VM accordingly.
-    private func receive(_ destination: DestinationSide, name: String, session: UInt64, migration: MigrationOptions,
-                         channel: ControlChannel?, rejoin: ControlRejoin) throws -> ControlReply {
+    /// A managed VM (a libvirt domain) is libvirt's to keep: it joins none of this daemon's VMs, and `amend`
+    /// adds what libvirt says to the result.
+    func receive(_ destination: DestinationSide, name: String, session: UInt64, migration: MigrationOptions,
+                 channel: ControlChannel?, rejoin: ControlRejoin,
+                 amend: (inout MigrationResult) -> Void = { _ in }) throws -> ControlReply {
         incomingSides.withLock { $0[session] = destination }
         defer { forget(session, destination) }
         let reconnectMillis = max(Int(migration.reconnectTimeoutMillis), 10_000)
         switch lastWord(from: channel, rejoin: rejoin, session: session, destination: destination,
                         reconnectMillis: reconnectMillis) {
         case .said(.finish(let source)):
-            let result: MigrationResult
+            var result: MigrationResult
             do {
                 let outcome = try destination.finish()
                 result = Migration.combine(source: source, destination: outcome, destinationSide: destination,
                                            options: migration)
+                amend(&result)
             } catch {
                 rejoin.finish(.failure(.remote("\(error)")))
                 throw error
@@ -237,6 +241,7 @@ extension Daemon {
 
     /// The VM lives here now.
     private func keep(_ name: String, _ destination: DestinationSide) {
+        guard !destination.qemu.managed else { return }
         vms.withLock { $0[name] = destination.qemu }
         recordVM(name, destination.qemu)
         keepHotReport(name, destination.qemu)

@@ -6,7 +6,7 @@
 // runs, and reports what its libvirt says of the domain afterwards; the destination daemon reads the guest's own
 // verdict from the domain's serial log and libvirt's statistics of the completed job. `postcopy` and `precopy`
 // are libvirt's own migrations (what an operator would run instead of epcopy); enlightened mode needs what
-// `epcopy libvirt check` lists, and is refused here with its findings.
+// `epcopy libvirt check` lists (refused here with its findings otherwise) and runs in DaemonLibvirtEnlightened.
 
 import EpcopyProtocol
 import Foundation
@@ -43,8 +43,6 @@ extension Daemon {
                     + missing.map { "\($0.name) (\($0.found))" }.joined(separator: "; ")
                     + ". `epcopy libvirt check \(name)` shows the XML for each, `epcopy libvirt prepare \(name)` adds it")
             }
-            throw ControlError.remote("enlightened migration of libvirt domains is not built yet: \(name) passes "
-                + "`epcopy libvirt check`, but only --mode postcopy or precopy (libvirt's own migration) can move it today")
         }
         guard busy.withLock({ $0.insert(name).inserted }) else { throw ControlError.remote("\(name) is already migrating") }
         defer { _ = busy.withLock { $0.remove(name) } }
@@ -55,8 +53,14 @@ extension Daemon {
         let session = UInt64.random(in: 1...UInt64.max)
         let peer = PeerDaemonLink(try ControlChannel.connect(to, key: options.key), endpoint: to, key: options.key,
                                   session: session, reconnectMillis: Int(migration.reconnectTimeoutMillis), logger: logger)
-        let (libvirtURI, streamURI) = try peer.prepareDomain(IncomingDomainRequest(name: name, uuid: uuid, session: session,
-                                                                                   options: request.options))
+        let prepared = try peer.prepareDomain(IncomingDomainRequest(name: name, uuid: uuid, session: session,
+                                                                    options: request.options))
+        if migration.mode == .enlightened {
+            return try migrateDomainEnlightened(request, domain: domain, connection: connection, xml: xml, uuid: uuid,
+                                                peer: peer, to: to, session: session, prepared: prepared,
+                                                migration: migration, cancel: cancel, channel: channel)
+        }
+        let (libvirtURI, streamURI) = (prepared.libvirtURI, prepared.streamURI)
         let devices = try DomainDevices(liveXML: xml)
         let counterBefore = GuestVerdict.lastCounter(devices.readSerialLog())
         logger.info("libvirt migrates \(name) to \(libvirtURI) (\(migration.mode.rawValue)), QEMU stream \(streamURI)")
@@ -139,11 +143,16 @@ extension Daemon {
             throw ControlError.remote("a libvirt domain named \(name) already runs here")
         }
         let version = try? connection.libvirtVersion()
+        let host = options.listen.host
+        let (libvirtURI, streamURI) = (options.libvirtMigrateURI ?? "qemu+tcp://\(host)/system", "tcp://\(host)")
+        if migration.mode == .enlightened {
+            return try incomingDomainEnlightened(request, connection: connection, libvirtURI: libvirtURI,
+                                                 streamURI: streamURI, version: version, migration: migration,
+                                                 channel: channel)
+        }
         let rejoin = ControlRejoin()
         remember(rejoin, session: request.session)
-        let host = options.listen.host
-        try channel.send(ControlReply.preparedDomain(libvirtURI: options.libvirtMigrateURI ?? "qemu+tcp://\(host)/system",
-                                                     streamURI: "tcp://\(host)"))
+        try channel.send(ControlReply.preparedDomain(libvirtURI: libvirtURI, streamURI: streamURI, enginePort: nil))
         let arriving = ArrivingDomain(connection: connection, name: name)
         // When the domain was first seen running here (see the source's pausedAt).
         let runningAt = Mutex<Double?>(nil)

@@ -54,13 +54,13 @@ final class PeerDaemonLink: @unchecked Sendable {
 
     /// Asks the destination to prepare for a libvirt domain; returns where the source's libvirtd migrates it and
     /// where QEMU's stream goes. Nothing is retried: a failure here leaves the domain where it runs.
-    func prepareDomain(_ request: IncomingDomainRequest) throws -> (libvirtURI: String, streamURI: String) {
+    func prepareDomain(_ request: IncomingDomainRequest) throws -> (libvirtURI: String, streamURI: String, enginePort: UInt16?) {
         guard let channel else { throw ControlError.io("no connection to \(endpoint)") }
         try channel.send(ControlRequest.incomingDomain(request))
-        guard case .preparedDomain(let libvirtURI, let streamURI) = try channel.receiveReply(timeoutMillis: 120_000),
-              libvirtURI.hasPrefix("qemu+"), streamURI.hasPrefix("tcp://")
-        else { throw ControlError.protocolViolation("incomingDomain answered without a qemu+ libvirt URI and a tcp:// stream") }
-        return (libvirtURI, streamURI)
+        guard case .preparedDomain(let libvirtURI, let streamURI, let enginePort) = try channel.receiveReply(timeoutMillis: 120_000),
+              libvirtURI.hasPrefix("qemu+"), streamURI.hasPrefix("tcp://"), enginePort != 0
+        else { throw ControlError.protocolViolation("incomingDomain answered without a qemu+ libvirt URI, a tcp:// stream and a valid engine port") }
+        return (libvirtURI, streamURI, enginePort)
     }
 
     /// Tells the destination what the source saw after the switch; returns the migration's result.

@@ -83,11 +83,14 @@ public final class QEMUProcess: @unchecked Sendable {
     public let qmp: QMPClient
     private let supervisor: QEMUSupervisor
     private let ramFileExisted: Bool
+    /// Started and stopped by another manager (libvirt): `kill` and `teardown` leave the process and its files.
+    public let managed: Bool
     private let keepRAM: Mutex<Bool>
     private let tornDown = Mutex<Bool>(false)
 
     private init(config: QEMUConfig, executable: String, supervisor: QEMUSupervisor, pid: Int32, keeperPid: Int32?,
-                 qmp: QMPClient, ramFileExisted: Bool) {
+                 qmp: QMPClient, ramFileExisted: Bool, managed: Bool = false) {
+        self.managed = managed
         self.config = config
         self.executable = executable
         self.supervisor = supervisor
@@ -154,6 +157,24 @@ public final class QEMUProcess: @unchecked Sendable {
         }
     }
 
+    /// Attaches to a QEMU that another manager (libvirt) started and will stop, through an extra monitor of its own
+    /// (`config.qmpSocket`): watched through a pidfd, its monitor spoken to, but `kill` and `teardown` never end it
+    /// or remove its files. `config` describes it as far as epcopy needs (name, RAM file and size, serial log,
+    /// agent socket).
+    public static func attach(managed config: QEMUConfig, qemuPid: Int32, connectTimeout: Duration) throws(QEMUError) -> QEMUProcess {
+        let cmdline = try checkAdoptable(config, qemuPid: qemuPid)
+        let supervisor = try QEMUSupervisor.watchManaged(name: config.name, qemuPid: qemuPid)
+        do throws(QMPError) {
+            let qmp = try QMPClient.connect(path: config.qmpSocket, timeout: connectTimeout,
+                                            abandonIf: { supervisor.termination != nil })
+            return QEMUProcess(config: config, executable: cmdline.first ?? "?", supervisor: supervisor, pid: qemuPid,
+                               keeperPid: nil, qmp: qmp, ramFileExisted: true, managed: true)
+        } catch {
+            supervisor.stop()
+            throw .qmp(error)
+        }
+    }
+
     /// The command line of `qemuPid`, if it is the QEMU `config` describes (its QMP socket is on it).
     @discardableResult
     public static func checkAdoptable(_ config: QEMUConfig, qemuPid: Int32) throws(QEMUError) -> [String] {
@@ -210,8 +231,9 @@ public final class QEMUProcess: @unchecked Sendable {
     }
 
     /// SIGKILLs QEMU by PID and returns once it is reaped (at most 10 s; a process stuck in the kernel
-    /// may take that long).
+    /// may take that long). A managed QEMU is not epcopy's to kill: nothing happens.
     public func kill() {
+        guard !managed else { return }
         supervisor.kill()
         _ = supervisor.waitForExit(timeout: .seconds(10))
     }
@@ -224,6 +246,7 @@ public final class QEMUProcess: @unchecked Sendable {
 
     /// Closes QMP, kills and reaps QEMU, and removes the sockets, pidfile, serial log (unless
     /// `keepSerialLog`) and the RAM file (unless `keepRAMFile`, or it existed before launch). Idempotent.
+    /// A managed QEMU only loses epcopy's monitor connection and watch.
     public func teardown() {
         let first = tornDown.withLock { done -> Bool in
             defer { done = true }
@@ -232,6 +255,7 @@ public final class QEMUProcess: @unchecked Sendable {
         guard first else { return }
         qmp.close()
         supervisor.stop()
+        if managed { return }
         Self.removeFiles(config, ramFileExisted: ramFileExisted, keepRAMFile: keepRAMFile)
     }
 

@@ -27,6 +27,10 @@ final class QEMUSupervisor: @unchecked Sendable {
         var killed = false
         /// Not this process's child: signalled and watched only through `qemuPidfd`.
         var adopted = false
+        /// Another manager (libvirt) owns the process: it is watched, never signalled (see `watchManaged`).
+        var managed = false
+        /// The watch of an adopted or managed process is over (`stop`), though the process may run on.
+        var unwatched = false
     }
 
     private static let stderrLimit = 256 << 10
@@ -160,12 +164,24 @@ final class QEMUSupervisor: @unchecked Sendable {
     /// Watches a QEMU that is not this process's child (a previous daemon started it behind its keeper): it
     /// ends when its pidfd says so; its exit status cannot be known.
     static func adopt(name: String, qemuPid: Int32, stderrLog: String?) throws(QEMUError) -> QEMUSupervisor {
+        try watch(name: name, qemuPid: qemuPid, stderrLog: stderrLog, managed: false)
+    }
+
+    /// Watches a QEMU that another manager (libvirt) started and will stop: its end is seen through its pidfd, and
+    /// `kill` and `stop` never signal it.
+    static func watchManaged(name: String, qemuPid: Int32) throws(QEMUError) -> QEMUSupervisor {
+        try watch(name: name, qemuPid: qemuPid, stderrLog: nil, managed: true)
+    }
+
+    private static func watch(name: String, qemuPid: Int32, stderrLog: String?,
+                              managed: Bool) throws(QEMUError) -> QEMUSupervisor {
         let supervisor = QEMUSupervisor(name: name, stderrLog: stderrLog)
         let pidfd = Int32(epc_pidfd_open(qemuPid, 0))
         guard pidfd >= 0 else { throw .notFound("QEMU pid \(qemuPid) is gone: \(SyscallError(call: "pidfd_open", errno: -pidfd))") }
         supervisor.state.qemuPidfd = pidfd
         supervisor.state.pid = qemuPid
         supervisor.state.adopted = true
+        supervisor.state.managed = managed
         supervisor.thread = JoinableThread(name: "epcopy-qemu-wd") { [supervisor] in supervisor.watchAdopted(pidfd) }
         return supervisor
     }
@@ -173,7 +189,8 @@ final class QEMUSupervisor: @unchecked Sendable {
     private func watchAdopted(_ pidfd: Int32) {
         while true {
             var fds = [pollfd(fd: pidfd, events: Int16(POLLIN), revents: 0)]
-            if poll(&fds, 1, 1000) > 0, fds[0].revents != 0 { break }
+            if poll(&fds, 1, 200) > 0, fds[0].revents != 0 { break }
+            if locked({ $0.unwatched }) { return }
         }
         locked { $0.termination = $0.killed ? .signaled(SIGKILL) : .ended }
         Log.qemu.trace("qemu \(name): \(termination.map(\.description) ?? "?")")
@@ -222,7 +239,7 @@ final class QEMUSupervisor: @unchecked Sendable {
     /// SIGKILL by PID (QEMU's pidfd when it is not the child), unless already reaped.
     func kill() {
         locked { s in
-            guard s.termination == nil else { return }
+            guard s.termination == nil, !s.managed else { return }
             s.killed = true
             if s.qemuPidfd >= 0 { _ = epc_pidfd_send_signal(s.qemuPidfd, SIGKILL) }
             // The child itself by PID: it is not reaped yet, so the PID is still its own.
@@ -243,8 +260,16 @@ final class QEMUSupervisor: @unchecked Sendable {
     }
 
     /// Kills, waits for the reap, joins the thread. If the process cannot be reaped within 10 s the
-    /// thread is left to finish on its own rather than blocking the caller.
+    /// thread is left to finish on its own rather than blocking the caller. A managed process is left
+    /// running: only the watch ends.
     func stop() {
+        if locked({ s -> Bool in
+            s.unwatched = s.managed
+            return s.managed
+        }) {
+            thread?.join()
+            return
+        }
         kill()
         if waitForExit(timeout: .seconds(10)) != nil {
             thread?.join()

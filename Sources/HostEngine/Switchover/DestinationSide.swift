@@ -9,6 +9,9 @@
 // prepare. A survivable side (enlightened mode in a daemon) starts a QEMU that outlives this process and
 // keeps a DestinationSuccession current, so that a restarted daemon can adopt it (`init(adopting:)`): the
 // QEMU by PID, the shim's uffd by pidfd_getfd, the engine's port, and the switch as far as it got.
+// A managed side (`init(managed:)`, a libvirt domain) starts no QEMU: libvirt starts the incoming QEMU, whose
+// shim hands its memory over to a listener made beforehand; this side attaches to it through epcopy's own
+// monitor, sets x-ignore-shared there, and libvirt runs the incoming migration itself.
 
 import CEpcopyLinux
 import EpcopyProtocol
@@ -144,6 +147,37 @@ public final class DestinationSide: @unchecked Sendable {
         switchWatcher = watchSwitch(session: state.session, options: options, resumedAt: resumedAt, free: state.freePages)
     }
 
+    /// Receives into a QEMU that another manager (libvirt) starts for an incoming migration: waits (up to
+    /// `incoming.timeout`, or until `incoming.abandonIf` says so) for its shim to hand the guest memory over on
+    /// `incoming.handover`, serves the source engine on `incoming.engineListener`, attaches to the QEMU through
+    /// the monitor `incoming.describe` names, and sets x-ignore-shared there, so the manager's migration stream
+    /// carries only device state. Not survivable: the QEMU is the manager's.
+    init(managed incoming: ManagedIncoming, session: UInt64, options: MigrationOptions) throws {
+        mode = .enlightened
+        bindHost = Self.anyAddress
+        migrationURI = ""
+        checkpoint = { _ in }
+        succession = Mutex(nil)
+        let handover: UffdHandover
+        do { handover = try incoming.waitForHandover() } catch {
+            throw MigrationError.step("destination: the shim's hand-over from the QEMU libvirt started", error)
+        }
+        let (pid, path, length) = (handover.pid, handover.path, handover.length)
+        let (engine, _) = try Self.engine(for: handover, session: session, options: options, digestsFile: nil)
+        engineEndpoint = Endpoint(host: Self.anyAddress, port: incoming.enginePort)
+        engineThread = Self.run(engine, listener: incoming.engineListener, into: engineResult)
+        self.engine = engine
+        // Faults are served from here on; QMP next (the QEMU's main loop may wait on a page until then).
+        do {
+            let config = try incoming.describe(pid, path, length)
+            qemu = try QEMUProcess.attach(managed: config, qemuPid: pid, connectTimeout: .seconds(60))
+            try QEMUMigration.setIgnoreShared(qemu.qmp, true)
+        } catch {
+            throw MigrationError.step("destination: epcopy's monitor of the incoming QEMU \(pid)", error)
+        }
+        switchWatcher = watchSwitch(session: session, options: options, resumedAt: nil, free: nil)
+    }
+
     // MARK: prepare
 
     private static func config(_ spec: VMSpec, name: String, bindHost: String, deadlineSeconds: Double) -> QEMUConfig {
@@ -151,6 +185,19 @@ public final class DestinationSide: @unchecked Sendable {
         config.forwardHost = bindHost
         config.incoming = true
         return config
+    }
+
+    /// A first engine over memory the shim handed over, and what a takeover of that memory needs. With
+    /// `digestsFile`, the digests go to a fresh table in that file (a successor reads it).
+    fileprivate static func engine(for handover: consuming UffdHandover, session: UInt64, options: MigrationOptions,
+                                   digestsFile: String?) throws -> (DestinationEngine, DestinationState) {
+        let state = DestinationState(pid: handover.pid, remoteUffdFD: handover.remoteUffdFD,
+                                     hostAddress: handover.hostVirtualAddress, length: handover.length,
+                                     fileOffset: handover.fileOffset, path: handover.path, sessionID: session)
+        let memory = try DestinationMemory(handover: handover)
+        let digests = try digestsFile.map { try PageDigests(pageCount: memory.regionPages, file: $0, fresh: true) }
+        let engineOptions = engineOptions(session: session, options: options, digests: digests)
+        return (DestinationEngine(memory: memory, options: engineOptions), state)
     }
 
     /// The engine's options for this migration (a first engine, or one that adopts).
@@ -414,14 +461,8 @@ private final class MemoryHandover: Sendable {
         let digestsFile = options.verify ? digestsFile : nil
         thread = JoinableThread(name: "epcopy-handover") {
             accepted.set(Result<(DestinationEngine, DestinationState), any Error> {
-                let handover = try listener.accept(timeout: .seconds(60))
-                let state = DestinationState(pid: handover.pid, remoteUffdFD: handover.remoteUffdFD,
-                                             hostAddress: handover.hostVirtualAddress, length: handover.length,
-                                             fileOffset: handover.fileOffset, path: handover.path, sessionID: session)
-                let memory = try DestinationMemory(handover: handover)
-                let digests = try digestsFile.map { try PageDigests(pageCount: memory.regionPages, file: $0, fresh: true) }
-                let engineOptions = DestinationSide.engineOptions(session: session, options: options, digests: digests)
-                return (DestinationEngine(memory: memory, options: engineOptions), state)
+                try DestinationSide.engine(for: try listener.accept(timeout: .seconds(60)), session: session,
+                                           options: options, digestsFile: digestsFile)
             })
         }
     }
@@ -433,5 +474,39 @@ private final class MemoryHandover: Sendable {
     func engine() throws -> (DestinationEngine, DestinationState) {
         thread.join()
         return try accepted.get()
+    }
+}
+
+/// What a managed side (`DestinationSide.init(managed:)`) needs, made before the source hears of it: the shim's
+/// hand-over socket (the path the domain's XML gives the shim), the engine's listener (its port goes to the
+/// source), and how to describe the QEMU once it has handed over (`describe(pid, RAM file, RAM bytes)`: a config
+/// whose `qmpSocket` is epcopy's monitor of it).
+struct ManagedIncoming: Sendable {
+    let handover: UffdHandoverListener
+    let engineListener: ListenerHolder
+    let describe: @Sendable (Int32, String, UInt64) throws -> QEMUConfig
+    var timeout: Duration = .seconds(120)
+    /// Asked about every 500 ms while waiting for the hand-over: true gives the wait up.
+    var abandonIf: @Sendable () -> Bool = { false }
+
+    init(handover: UffdHandoverListener, engineListener: consuming Listener,
+         describe: @escaping @Sendable (Int32, String, UInt64) throws -> QEMUConfig) {
+        self.handover = handover
+        self.engineListener = ListenerHolder(engineListener)
+        self.describe = describe
+    }
+
+    /// The port the engine listens on (every address of this host).
+    var enginePort: UInt16 { engineListener.listener.endpoint.port }
+
+    func waitForHandover() throws -> UffdHandover {
+        let deadline = monotonicNanos() + HypervisorTime.nanoseconds(timeout)
+        while try !handover.hasPendingConnection(within: .milliseconds(500)) {
+            if abandonIf() { throw MigrationError.failed("the source called the migration off") }
+            if monotonicNanos() > deadline {
+                throw MigrationError.failed("no QEMU handed its memory over within \(timeout) (did libvirt start one?)")
+            }
+        }
+        return try handover.accept(timeout: .seconds(10))
     }
 }

@@ -151,5 +151,6 @@ extension MigrationResult {
             recovered = losses > 0
             pausedMillis = max(source.pausedMillis ?? 0, report?.pausedMillis ?? 0)
         }
+        sourceState = source.sourceState
     }
 }

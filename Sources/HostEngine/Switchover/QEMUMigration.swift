@@ -19,6 +19,14 @@ enum QEMUMigration {
         catch { throw MigrationError.step("migrate-set-capabilities", error) }
     }
 
+    /// x-ignore-shared alone, on or off: a QEMU that libvirt owns keeps the capabilities libvirt sets, and must not
+    /// keep this one after an enlightened migration (libvirt's own migrations would then skip its RAM).
+    static func setIgnoreShared(_ qmp: QMPClient, _ on: Bool) throws {
+        let list: [QMPValue] = [.object(["capability": .string("x-ignore-shared"), "state": .bool(on)])]
+        do { _ = try qmp.execute("migrate-set-capabilities", arguments: ["capabilities": .array(list)], timeout: .seconds(10)) }
+        catch { throw MigrationError.step("migrate-set-capabilities x-ignore-shared=\(on)", error) }
+    }
+
     /// Bytes QEMU's own migration stream carried (device state, or all of RAM in its own modes).
     static func streamBytes(_ qmp: QMPClient) -> UInt64 {
         guard let info = try? qmp.execute("query-migrate", timeout: .seconds(5)) else { return 0 }

@@ -8,6 +8,10 @@
 //   drain    — QEMU's device stream completes, the bulk push is released, the engine finishes;
 //   release  — the fenced QEMU is killed and its file removed: T_release, and the outcome.
 // Before STOP nothing has moved, so a failure there leaves the source running, untouched.
+// A QEMU that libvirt owns (`source.managed`) is moved the same way, except that libvirt's migration call
+// (a ManagedStream) starts QEMU's stream instead of QMP migrate, says at the drain that the destination runs
+// the guest, and stops the fenced QEMU itself; nothing is punched before that word, since libvirt resumes a
+// source whose destination failed.
 
 import CEpcopyLinux
 import EpcopyProtocol
@@ -20,6 +24,8 @@ public final class SourceSide {
     private let session: UInt64
     private let options: MigrationOptions
     private let regionPages: UInt64
+    /// Who starts QEMU's stream when QEMU is not epcopy's (nil: QMP migrate).
+    private let stream: ManagedStream?
     /// Set by prepare.
     private var counterBefore: Int?
     private var agent = HotReportAtSwitch()
@@ -36,8 +42,10 @@ public final class SourceSide {
         var pushEnded: UInt64 = 0
     }
 
-    private init(source: QEMUProcess, mode: MigrationMode, session: UInt64, options: MigrationOptions) {
+    private init(source: QEMUProcess, mode: MigrationMode, session: UInt64, options: MigrationOptions,
+                 stream: ManagedStream?) {
         self.source = source
+        self.stream = stream
         self.mode = mode
         self.session = session
         self.options = options
@@ -47,13 +55,14 @@ public final class SourceSide {
     /// Moves `source` to a destination prepared by DestinationSide. Returns when the source host holds
     /// none of the VM: the engine has released every page, the fenced QEMU is gone, its file removed.
     /// `progress` is called about every 250 ms from another thread with what has moved and the link's state.
+    /// `stream` starts QEMU's stream of a managed QEMU (`destinationURI` is then unused).
     public static func migrate(source: QEMUProcess, mode: MigrationMode, session: UInt64, destinationURI: String,
-                               engineEndpoint: Endpoint?, options: MigrationOptions,
+                               engineEndpoint: Endpoint?, options: MigrationOptions, stream: ManagedStream? = nil,
                                cancel: MigrationCancel? = nil,
                                progress: (@Sendable (MigrationProgress) -> Void)? = nil,
                                fenced: ((_ stopTimestamp: Double, _ counterBefore: Int?) -> Void)? = nil,
                                engineStarted: ((SourceEngine) -> Void)? = nil) throws -> SourceOutcome {
-        let side = SourceSide(source: source, mode: mode, session: session, options: options)
+        let side = SourceSide(source: source, mode: mode, session: session, options: options, stream: stream)
         try side.prepare(engineEndpoint: engineEndpoint)
         if let engine = side.push?.engine { engineStarted?(engine) }
         if let cancel, !cancel.beginSwitch() {
@@ -89,6 +98,7 @@ public final class SourceSide {
         }
         var sourceOptions = options.sourceEngineOptions(session: session, vmName: source.config.name, classes: classes)
         sourceOptions.holdBulkUntilReleased = true
+        sourceOptions.punchOnlyOnceAllowed = stream != nil
         sourceOptions.holdFreeUntilScan = classes.contains { $0.0 == .believedFree && !$0.1.isEmpty }
         let engine: SourceEngine
         do { engine = try SourceEngine(ramFile: source.config.ramFile, options: sourceOptions) } catch {
@@ -102,14 +112,15 @@ public final class SourceSide {
         switchStart = monotonicNanos()
         let stop: QMPEvent
         do {
-            _ = try source.qmp.execute("migrate", arguments: ["uri": .string(destinationURI)], timeout: .seconds(10))
-            if mode == .postcopy { _ = try source.qmp.execute("migrate-start-postcopy", timeout: .seconds(10)) }
+            if let stream {
+                stream.start()
+            } else {
+                _ = try source.qmp.execute("migrate", arguments: ["uri": .string(destinationURI)], timeout: .seconds(10))
+                if mode == .postcopy { _ = try source.qmp.execute("migrate-start-postcopy", timeout: .seconds(10)) }
+            }
             // QEMU's stream may fail before STOP (its connection to the destination refused, timed out or reset):
             // then STOP never comes, and the VM keeps running here.
-            let event = try source.qmp.waitForEvent(among: ["STOP", "MIGRATION"], timeout: .seconds(600),
-                                                    after: switchStart) {
-                $0.name == "STOP" || ["failed", "cancelled"].contains($0.data["status"]?.stringValue ?? "")
-            }
+            let event = try waitForStop()
             guard event.name == "STOP" else {
                 let why = (try? source.qmp.execute("query-migrate", timeout: .seconds(5)))?["error-desc"]?.stringValue
                 throw MigrationError.failed("QEMU's migration stream to the destination \(event.data["status"]?.stringValue ?? "ended") before STOP" + (why.map { ": \($0)" } ?? ""))
@@ -117,13 +128,37 @@ public final class SourceSide {
             stop = event
         } catch {
             // Before STOP nothing has moved: the source keeps running (cancel in case QEMU started), and the
-            // engine sends nothing of a VM that still runs.
-            _ = try? source.qmp.execute("migrate_cancel", timeout: .seconds(5))
+            // engine sends nothing of a VM that still runs. A manager's call cancels its own migration.
+            if stream == nil { _ = try? source.qmp.execute("migrate_cancel", timeout: .seconds(5)) }
             push?.callOff()
+            if let failure = stream?.failure { throw MigrationError.step("source: migrate", failure) }
             throw MigrationError.step("source: migrate", error)
         }
         fence()
         return stop
+    }
+
+    /// STOP, or the MIGRATION event that says QEMU's stream failed first; with a managed stream, also the
+    /// manager's call failing before either.
+    private func waitForStop() throws -> QMPEvent {
+        let isEnd: (QMPEvent) -> Bool = {
+            $0.name == "STOP" || ["failed", "cancelled"].contains($0.data["status"]?.stringValue ?? "")
+        }
+        guard let stream else {
+            return try source.qmp.waitForEvent(among: ["STOP", "MIGRATION"], timeout: .seconds(600), after: switchStart,
+                                               where: isEnd)
+        }
+        let deadline = switchStart + 600_000_000_000
+        while true {
+            let step = monotonicNanos() < deadline ? Duration.milliseconds(200) : .zero
+            do {
+                return try source.qmp.waitForEvent(among: ["STOP", "MIGRATION"], timeout: step, after: switchStart,
+                                                   where: isEnd)
+            } catch {
+                guard case .timedOut = error, step > .zero else { throw error }
+            }
+            if let failure = stream.failure { throw failure }
+        }
     }
 
     /// From STOP the source QEMU never runs again (it is never cont'ed): its RAM file is final, so the file
@@ -153,6 +188,14 @@ public final class SourceSide {
             $0.data["status"]?.stringValue == "completed"
         }
         push.engine.releaseBulk()
+        if let stream {
+            // The manager's call returns once its destination runs the guest (and it has stopped the fenced QEMU
+            // here); until then the RAM file stays whole, since a failure there resumes the QEMU here.
+            do { try stream.wait() } catch {
+                throw MigrationError.step("source: libvirt's migration ended after STOP without the destination running the guest (nothing here was punched)", error)
+            }
+            push.engine.allowPunching()
+        }
         let report: SourceReport
         do { (report, drained.pushEnded) = try push.finish() } catch {
             throw MigrationError.step("RAM transfer (source)", error)
@@ -166,7 +209,7 @@ public final class SourceSide {
     /// Release: the fenced QEMU and its RAM file go; this host holds none of the VM.
     private func release(stop: QMPEvent, _ drained: Drained) -> SourceOutcome {
         source.kill()
-        source.waitForExit(timeout: .seconds(10))
+        if !source.managed { source.waitForExit(timeout: .seconds(10)) }
         source.keepRAMFile = false
         source.teardown()
         // With `verify` the engine punches nothing (the digests need the whole file) and reading the file for them

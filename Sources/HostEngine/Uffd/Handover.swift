@@ -81,6 +81,16 @@ public final class UffdHandoverListener: Sendable {
         }
     }
 
+    /// Whether a shim connects within `timeout` (then `accept` takes it at once): lets a caller wait in short
+    /// steps, doing other things between them, without cutting a hand-over short.
+    public func hasPendingConnection(within timeout: Duration) throws(HandoverError) -> Bool {
+        do { try Self.waitReadable(socket.rawValue, until: ContinuousClock.now + timeout, waitingFor: "") } catch {
+            if case .timedOut = error { return false }
+            throw error
+        }
+        return true
+    }
+
     /// Takes a duplicate of descriptor `remoteFD` of process `pid` with pidfd_getfd(2) and checks that it
     /// is a userfaultfd. This is how a new engine resumes serving faults after the old one died: the
     /// shim keeps its own uffd open, so the number in the hello stays valid for the life of the process.

@@ -15,6 +15,8 @@ struct PushShared {
     let metrics: TransferMetrics
     /// Lets the push go beyond the device class (set at RESUME).
     let bulkReleased: () -> Bool
+    /// Whether acknowledged pages may be punched now (see `punchOnlyOnceAllowed`).
+    let mayPunch: () -> Bool
     /// A failure of the urgent thread, checked every turn.
     let urgentFailure: () -> PeerError?
     let countZeroContent: (UInt64) -> Void
@@ -185,7 +187,7 @@ final class PushLoop {
                     + "\(metrics.urgentPages.load(ordering: .relaxed)) bulk queue \(bulkQueue.pending) "
                     + "exhausted \(pushExhausted) destDone \(destinationDone)"))
             }
-            if state.toPunch.count >= Self.punchBatchPages
+            if shared.mayPunch(), state.toPunch.count >= Self.punchBatchPages
                 || (now - lastPunch > Self.punchIntervalNanos && !state.toPunch.isEmpty) {
                 try state.punch(memory, enabled: options.releaseMemory)
                 lastPunch = now
@@ -205,7 +207,8 @@ final class PushLoop {
         // The destination has every page, so no send of a freed page is still queued.
         state.toPunch.formUnion(state.punchWhenIdle)
         state.punchWhenIdle = PageSet()
-        try state.punch(memory, enabled: options.releaseMemory)
+        // Not yet allowed: nothing is punched (the owner drops the whole file once the migration has ended).
+        try state.punch(memory, enabled: options.releaseMemory && shared.mayPunch())
         guard state.complete else {
             throw PeerError.unexpected("the destination reported done, but \(memory.regionPages - state.released.count) "
                                        + "pages were never acknowledged")

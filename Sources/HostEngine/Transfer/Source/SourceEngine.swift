@@ -24,6 +24,7 @@ public final class SourceEngine: @unchecked Sendable {
     private let metrics = TransferMetrics()
     private let urgentError = Mutex<PeerError?>(nil)
     private let bulkReleased = Atomic<Bool>(false)
+    private let punchingAllowed = Atomic<Bool>(false)
     /// Pages found all-zero at push time and sent as zeroPages ranges instead of data.
     private let zeroContentPages = Atomic<UInt64>(0)
     /// What the destination said about its free scan, and how long the push waited for it.
@@ -54,6 +55,9 @@ public final class SourceEngine: @unchecked Sendable {
 
     /// Lets the bulk push go beyond the device class (see `holdBulkUntilReleased`).
     public func releaseBulk() { bulkReleased.store(true, ordering: .releasing) }
+
+    /// Lets acknowledged pages be punched (see `punchOnlyOnceAllowed`).
+    public func allowPunching() { punchingAllowed.store(true, ordering: .releasing) }
 
     /// Opens and maps the RAM file (see SourceMemory).
     public init(ramFile path: String, options: SourceOptions) throws(PeerError) {
@@ -234,6 +238,9 @@ public final class SourceEngine: @unchecked Sendable {
                             framer: framer, options: options, shared: PushShared(
                                 metrics: metrics,
                                 bulkReleased: { [self] in self.bulkReleased.load(ordering: .acquiring) },
+                                mayPunch: { [self] in
+                                    !self.options.punchOnlyOnceAllowed || self.punchingAllowed.load(ordering: .acquiring)
+                                },
                                 urgentFailure: { [self] in self.urgentError.withLock { $0 } },
                                 countZeroContent: { [self] in self.zeroContentPages.add($0, ordering: .relaxed) },
                                 freeScanAnswered: { [self] answered in self.freeScan.withLock { $0.answered = answered } },

@@ -28,6 +28,10 @@ public struct SourceOptions: Sendable {
     /// `bulkHoldMillis` in case RESUME never comes.
     public var holdBulkUntilReleased: Bool = false
     public var bulkHoldMillis: UInt64 = 2000
+    /// Punch nothing until `allowPunching()`: a source that another manager (libvirt) would resume if the
+    /// destination failed after STOP must find its RAM whole until that manager says the destination runs.
+    /// Pages acknowledged before then are punched once allowed (if the engine still runs).
+    public var punchOnlyOnceAllowed: Bool = false
     /// Push believed-free pages (and anything after them) only once the destination says its guest's free scan
     /// is in (`freeScanDone`), or `freeHoldMillis` after the push first waited for it: the scan turns most of
     /// them into pages never sent. Set when the source agent gave a hint.
