@@ -33,7 +33,7 @@ exec 9>"$CACHE/lock"
 flock 9
 
 # Modules the guest needs; their dependencies are added automatically.
-WANT_MODULES=(virtio_pci virtio_console virtio_balloon)
+WANT_MODULES=(virtio_pci virtio_console virtio_balloon button evdev)
 BUILD_PKGS=(busybox-static xz-utils zstd cpio gcc libc6-dev binutils)
 
 START=$SECONDS

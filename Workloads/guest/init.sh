@@ -19,6 +19,13 @@ while read -r ko; do
     insmod "/lib/modules/$ko" || echo "epcopy-init: insmod $ko failed"
 done </lib/modules/load-order
 
+# The ACPI power button (virsh shutdown, QMP system_powerdown) is an input device of the button driver: a
+# press powers the guest off cleanly, so the host sees an orderly shutdown.
+for dev in /sys/class/input/event*; do
+    [ "$(cat "$dev/device/name" 2>/dev/null)" = "Power Button" ] || continue
+    (head -c 1 "/dev/input/${dev##*/}" >/dev/null && echo "epcopy-init: power button: powering off" && sync && poweroff -f) &
+done
+
 cmdline=$(cat /proc/cmdline)
 echo "epcopy-init: up after $(cut -d' ' -f1 /proc/uptime)s"
 
