@@ -256,7 +256,7 @@ struct Migrate: ParsableCommand {
     @Option(help: "With --also-to: how long the link may stay down on one address before the next is tried, in seconds.")
     var failoverAfter: Double = 2
     @Flag(help: ArgumentHelp("NAME is a libvirt domain of the daemon's libvirt (serve --libvirt): the libvirt daemons move it.",
-                             discussion: "postcopy and precopy are libvirt's own migrations (peer to peer, live); the domain ends up defined and running on the destination's libvirt and, unless --keep-source-definition, undefined on the source. Enlightened mode needs what `epcopy libvirt check NAME` lists."))
+                             discussion: "Enlightened mode: libvirt's own migration (peer to peer, live) carries the definition and the device state, epcopy's engines carry the RAM (--verify compares every page); it needs what `epcopy libvirt check NAME` lists. postcopy and precopy are libvirt's own migrations. Either way the domain ends up defined and running on the destination's libvirt and, unless --keep-source-definition, undefined on the source."))
     var libvirt = false
     @Flag(help: "With --libvirt: keep the domain defined (shut off) on the source host.") var keepSourceDefinition = false
     @Flag(help: ArgumentHelp("Call off the migration of NAME that its daemon is sending, if it has not switched yet.",
