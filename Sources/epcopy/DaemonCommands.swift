@@ -84,6 +84,13 @@ struct Serve: ParsableCommand {
     @Option(name: .customLong("libvirt-ram-prefix"), help: ArgumentHelp("Where this host's libvirt puts file-backed guest RAM: qemu.conf's memory_backing_dir and a slash (what `epcopy libvirt check --ram-prefix` checks for).",
                                valueName: "prefix"))
     var libvirtRAMPrefix = "/var/lib/libvirt/qemu/ram/"
+    @Option(name: .customLong("numa-node"), help: ArgumentHelp(
+        "The NUMA node for the RAM of guests received here in enlightened mode: auto, a node number, or none.",
+        discussion: "auto takes the node with the most free memory of those that can hold the guest. The RAM file is "
+            + "bound (MPOL_PREFERRED) before the first page lands; the result's numa_node and pages_on_node_fraction "
+            + "say where the pages are after the move. A migration's own --numa-node overrides this.",
+        valueName: "node"))
+    var numaNode = "auto"
     @OptionGroup var link: LinkOptions
 
     func run() throws {
@@ -104,6 +111,12 @@ struct Serve: ParsableCommand {
         daemonOptions.libvirtURI = libvirt
         daemonOptions.libvirtMigrateURI = libvirtMigrateURI
         daemonOptions.libvirtRAMPrefix = libvirtRAMPrefix
+        if numaNode == "none" {
+            daemonOptions.numa = nil
+        } else {
+            guard let numa = NumaRequest(numaNode) else { throw ValidationError("--numa-node: auto, a node number, or none") }
+            daemonOptions.numa = numa
+        }
         let daemon = Daemon(options: daemonOptions)
         let listener: Listener
         do { listener = try TCP.listen(on: endpoint) } catch { throw CLIError("listen on \(endpoint): \(error)") }
@@ -273,6 +286,11 @@ struct Migrate: ParsableCommand {
                                discussion: "0 makes a lost link fail the migration at once, which leaves the VM stuck."))
     var reconnectDeadline: Double = 120
     @Option(help: "Silence between the engines that counts as a lost link, in ms.") var keepaliveTimeoutMs = 2000
+    @Option(name: .customLong("numa-node"), help: ArgumentHelp(
+        "Enlightened mode: the destination host's NUMA node for the guest's RAM, auto or a node number.",
+        discussion: "Default: the destination daemon's own (serve --numa-node, auto unless set). The result's "
+            + "numa_node and pages_on_node_fraction say where the pages landed.", valueName: "node"))
+    var numaNode: String?
     @OptionGroup var daemon: DaemonOptions
     @OptionGroup var output: OutputOptions
 
@@ -294,6 +312,7 @@ struct Migrate: ParsableCommand {
             throw ValidationError("--failover-after: 0.1...600 seconds")
         }
         if keepSourceDefinition && !libvirt { throw ValidationError("--keep-source-definition needs --libvirt") }
+        if let numaNode, NumaRequest(numaNode) == nil { throw ValidationError("--numa-node: auto or a node number") }
         if alsoTo.isEmpty { return }
         if libvirt { throw ValidationError("--also-to: not for libvirt domains (libvirt migrates over one path)") }
         guard mode == MigrationMode.enlightened.rawValue else {
@@ -326,11 +345,12 @@ struct Migrate: ParsableCommand {
         }
         let to = self.to!
         let showProgress = !output.json && isatty(STDOUT_FILENO) != 0
-        let options = MigrationRequestOptions(mode: MigrationMode(rawValue: mode)!, verify: verify, agent: !noAgent,
+        var options = MigrationRequestOptions(mode: MigrationMode(rawValue: mode)!, verify: verify, agent: !noAgent,
                                               agentTimeoutMillis: agentTimeoutMs,
                                               reconnectTimeoutMillis: Int(reconnectDeadline * 1000),
                                               keepaliveTimeoutMillis: keepaliveTimeoutMs,
                                               failoverAfterMillis: alsoTo.isEmpty ? nil : Int(failoverAfter * 1000))
+        options.numaNode = numaNode
         let result: MigrationResult
         do {
             let channel = try daemon.connect()

@@ -14,10 +14,12 @@ struct Probe: ParsableCommand {
             """
     )
 
+    @Option(name: .customLong("connect"), help: ArgumentHelp("The libvirt daemon to ask whether it answers.", valueName: "uri"))
+    var libvirtURI = "qemu:///system"
     @OptionGroup var output: OutputOptions
 
     func run() throws {
-        let report = HostProbe.run()
+        let report = HostProbe.run(libvirtURI: libvirtURI)
         if output.json {
             print(try JSONOutput.string(report))
         } else {
@@ -47,8 +49,16 @@ struct Probe: ParsableCommand {
             ("qemu", r.qemu.map { "\($0) (\(r.qemuPath ?? ""))" } ?? "not installed"),
             ("accel", "\(r.accel) — \(r.accelReason)"),
             ("numa nodes", r.numaAvailable ? "\(r.numaNodes)" : "1 (libnuma: NUMA not available)"),
-            ("libvirt", r.libvirt ?? "not available"),
         ]
+        for node in r.numaTopology {
+            rows.append(("  node \(node.id)", "\(node.freeBytes >> 20) of \(node.totalBytes >> 20) MiB free, CPUs "
+                + (node.cpus.isEmpty ? "none" : node.cpus.map(String.init).joined(separator: ","))))
+        }
+        rows.append(("libvirt", r.libvirt ?? "not available"))
+        if let uri = r.libvirtURI, let daemon = r.libvirtDaemon {
+            rows.append(("  daemon", daemon.ok ? "answers at \(uri) (libvirt \(r.libvirtDaemonVersion ?? "?"))"
+                                               : "no answer at \(uri): \(daemon.error ?? "?")"))
+        }
         let width = rows.map(\.0.count).max() ?? 0
         return rows.map { $0.0.padding(toLength: width + 2, withPad: " ", startingAt: 0) + $0.1 + "\n" }.joined()
     }

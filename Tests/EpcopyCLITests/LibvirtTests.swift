@@ -51,6 +51,10 @@ struct LibvirtTests {
         // Enlightened mode compared every non-free page against the source at STOP.
         let row = out.split(separator: "\n").first { $0.hasPrefix("enlightened ") }.map(String.init) ?? ""
         #expect(row.contains("OK (digests)"), "\(out)")
+        // ... and bound the guest's RAM to a NUMA node of host B before the first page landed: every page is there.
+        let enlightened = results.first { $0["mode"] as? String == "enlightened" } ?? [:]
+        #expect(enlightened["numa_node"] as? Int != nil, "\(enlightened)")
+        #expect((enlightened["pages_on_node_fraction"] as? Double ?? 0) >= 0.99, "\(enlightened)")
         // virsh on host B after each mode: listed, the console counting on, an orderly shutdown.
         for mode in ["enlightened", "postcopy", "precopy"] {
             let line = out.split(separator: "\n").first { $0.hasPrefix("  \(mode): virsh list:") }.map(String.init) ?? ""

@@ -116,6 +116,12 @@ static inline int epc_userfaultfd_dev(int flags) {
     return fd < 0 ? -saved : fd;
 }
 
+/* mbind(2) on [addr, addr+len): a memory policy (MPOL_*) over the nodes in `nodemask` (`maxnode` bits). */
+static inline long epc_mbind(uint64_t addr, uint64_t len, int mode, const unsigned long *nodemask,
+                             unsigned long maxnode, unsigned int flags) {
+    return epc_neg_errno(syscall(SYS_mbind, (void *)addr, (unsigned long)len, mode, nodemask, maxnode, flags));
+}
+
 static inline int epc_memfd_create(const char *name, unsigned int flags) {
     return (int)epc_neg_errno(syscall(SYS_memfd_create, name, flags));
 }

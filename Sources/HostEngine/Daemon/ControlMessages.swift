@@ -70,6 +70,9 @@ public struct MigrationRequestOptions: Codable, Sendable, Equatable {
     /// With more than one address of the destination: how long the link may stay down on one before the next
     /// is tried (nil: the default, 2 s).
     public var failoverAfterMillis: Int?
+    /// Enlightened mode: the destination host's NUMA node for the guest's RAM, "auto" or a node number (nil: the
+    /// destination daemon's default, `serve --numa-node`).
+    public var numaNode: String?
 
     public init(mode: MigrationMode, verify: Bool, agent: Bool, agentTimeoutMillis: Int,
                 reconnectTimeoutMillis: Int? = nil, keepaliveTimeoutMillis: Int? = nil, failoverAfterMillis: Int? = nil) {

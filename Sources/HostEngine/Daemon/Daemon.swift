@@ -31,6 +31,9 @@ public struct DaemonOptions: Sendable {
     /// Where libvirt's file-backed guest RAM is (a prefix of the files' paths: qemu.conf `memory_backing_dir` and a
     /// slash), which `epcopy libvirt check` expects as the shim's prefix.
     public var libvirtRAMPrefix = "/var/lib/libvirt/qemu/ram/"
+    /// The NUMA node for the RAM of guests received here in enlightened mode, unless a migration names one
+    /// (`migrate --numa-node`); nil: no binding.
+    public var numa: NumaRequest? = .auto
 
     /// The default state directory of a daemon: one per instance under /var/lib/epcopy.
     public static func defaultStateDirectory(instance: String) -> String { "/var/lib/epcopy/\(instance)" }
@@ -279,6 +282,12 @@ public final class Daemon: @unchecked Sendable {
                 throw ControlError.remote("keepaliveTimeoutMillis must be 200...600000")
             }
             migration.keepalive = KeepaliveSpec(intervalMillis: UInt64(min(250, silence / 4)), timeoutMillis: UInt64(silence))
+        }
+        if let numa = request.numaNode {
+            guard let parsed = NumaRequest(numa) else { throw ControlError.remote("numaNode must be auto or a node number") }
+            migration.numa = parsed
+        } else {
+            migration.numa = options.numa
         }
         return migration
     }

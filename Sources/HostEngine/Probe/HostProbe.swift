@@ -57,6 +57,12 @@ public struct HostProbeReport: Codable, Sendable, Equatable {
     public var numaAvailable: Bool
     public var numaNodes: Int
     public var libvirt: String?
+    /// Each NUMA node's CPUs and memory (sysfs), empty when the tree cannot be read.
+    public var numaTopology: [NumaNode] = []
+    /// The libvirt daemon at `libvirtURI`: its version when it answers, nil when not asked.
+    public var libvirtURI: String? = nil
+    public var libvirtDaemon: Outcome? = nil
+    public var libvirtDaemonVersion: String? = nil
 
     enum CodingKeys: String, CodingKey {
         case kernel, userfaultfd
@@ -80,6 +86,10 @@ public struct HostProbeReport: Codable, Sendable, Equatable {
         case numaAvailable = "numa_available"
         case numaNodes = "numa_nodes"
         case libvirt
+        case numaTopology = "numa_topology"
+        case libvirtURI = "libvirt_uri"
+        case libvirtDaemon = "libvirt_daemon"
+        case libvirtDaemonVersion = "libvirt_daemon_version"
     }
 
     /// Absent values are written as `null`, never left out: every key is always there for scripts.
@@ -107,12 +117,18 @@ public struct HostProbeReport: Codable, Sendable, Equatable {
         try c.encode(numaAvailable, forKey: .numaAvailable)
         try c.encode(numaNodes, forKey: .numaNodes)
         try c.encode(libvirt, forKey: .libvirt)
+        try c.encode(numaTopology, forKey: .numaTopology)
+        try c.encode(libvirtURI, forKey: .libvirtURI)
+        try c.encode(libvirtDaemon, forKey: .libvirtDaemon)
+        try c.encode(libvirtDaemonVersion, forKey: .libvirtDaemonVersion)
     }
 }
 
 public enum HostProbe {
     /// Runs every check. Never throws: a failing capability is a finding, not an error.
-    public static func run(environment: [String: String] = ProcessInfo.processInfo.environment) -> HostProbeReport {
+    /// With `libvirtURI`, also whether a libvirt daemon answers there.
+    public static func run(environment: [String: String] = ProcessInfo.processInfo.environment,
+                           libvirtURI: String? = nil) -> HostProbeReport {
         let syscallPath = Result<Void, SyscallError> { () throws(SyscallError) in
             _ = try Userfaultfd(path: .syscall)
         }
@@ -131,7 +147,7 @@ public enum HostProbe {
         let (accel, reason) = chooseAccel(qemuPresent: qemu.version != nil, kvmDevice: kvm, environment: environment)
         let numaOK = numa_available() >= 0
 
-        return HostProbeReport(
+        var report = HostProbeReport(
             kernel: kernelRelease(),
             userfaultfd: (try? syscallPath.get()) != nil || (try? devicePath.get()) != nil,
             userfaultfdSyscall: .from(syscallPath),
@@ -155,6 +171,15 @@ public enum HostProbe {
             numaNodes: numaOK ? Int(numa_num_configured_nodes()) : 1,
             libvirt: libvirtVersion()
         )
+        report.numaTopology = (try? NumaTopology.read())?.nodes ?? []
+        if let libvirtURI {
+            report.libvirtURI = libvirtURI
+            do {
+                report.libvirtDaemonVersion = try LibvirtConnection(uri: libvirtURI).libvirtVersion()
+                report.libvirtDaemon = HostProbeReport.Outcome(ok: true, error: nil)
+            } catch { report.libvirtDaemon = HostProbeReport.Outcome(ok: false, error: "\(error)") }
+        }
+        return report
     }
 
     static func kernelRelease() -> String {

@@ -36,6 +36,10 @@ public final class DestinationSide: @unchecked Sendable {
     /// What a successor would need (survivable sides only), and who is told each time it changes.
     private let succession: Mutex<DestinationSuccession?>
     private let checkpoint: @Sendable (DestinationSuccession) -> Void
+    /// The NUMA node the guest's RAM was bound to (nil: none asked, or the binding failed: said in the log).
+    public let numa: NumaChoice?
+    /// QEMU's address of the guest RAM (its numa_maps line), in enlightened mode.
+    private let ramAddress: UInt64?
 
     /// Makes a destination survivable: its QEMU outlives this process, the digests are kept in `digestsFile`,
     /// and `checkpoint` hears the succession each time it changes (RESUME, the free scan).
@@ -69,6 +73,8 @@ public final class DestinationSide: @unchecked Sendable {
         var takeover: DestinationState?
         if let handover {
             let (engine, state, listener) = try Self.engine(from: handover, bindHost: bindHost, qemu: qemu)
+            numa = Self.place(state.path, offset: state.fileOffset, length: state.length, options: options)
+            ramAddress = state.hostAddress
             engineEndpoint = Endpoint(host: bindHost, port: listener.listener.endpoint.port)
             engineThread = Self.run(engine, listener: listener, into: engineResult)
             self.engine = engine
@@ -77,6 +83,8 @@ public final class DestinationSide: @unchecked Sendable {
             engine = nil
             engineEndpoint = nil
             engineThread = nil
+            numa = nil
+            ramAddress = nil
         }
         var initial: DestinationSuccession?
         if let survival, let takeover {
@@ -126,6 +134,10 @@ public final class DestinationSide: @unchecked Sendable {
         var engineOptions = Self.engineOptions(session: state.session, options: options, digests: digests)
         engineOptions.initiallyPresent = present
         let engine = DestinationEngine(memory: memory, options: engineOptions)
+        // Pages already here stay where they are; those still to come follow the binding.
+        numa = Self.place(state.takeover.path, offset: state.takeover.fileOffset, length: state.takeover.length,
+                          options: options)
+        ramAddress = state.takeover.hostAddress
         let listener: ListenerHolder
         do { listener = ListenerHolder(try Self.listen(on: endpoint)) } catch {
             throw MigrationError.step("destination: listen on \(endpoint) again", error)
@@ -163,7 +175,9 @@ public final class DestinationSide: @unchecked Sendable {
             throw MigrationError.step("destination: the shim's hand-over from the QEMU libvirt started", error)
         }
         let (pid, path, length) = (handover.pid, handover.path, handover.length)
-        let (engine, _) = try Self.engine(for: handover, session: session, options: options, digestsFile: nil)
+        let (engine, state) = try Self.engine(for: handover, session: session, options: options, digestsFile: nil)
+        numa = Self.place(path, offset: state.fileOffset, length: length, options: options)
+        ramAddress = state.hostAddress
         engineEndpoint = Endpoint(host: Self.anyAddress, port: incoming.enginePort)
         engineThread = Self.run(engine, listener: incoming.engineListener, into: engineResult)
         self.engine = engine
@@ -179,6 +193,27 @@ public final class DestinationSide: @unchecked Sendable {
     }
 
     // MARK: prepare
+
+    /// Binds the RAM file to the node `options.numa` asks for, before the first page is placed. A failure costs
+    /// locality, not the migration: it is logged and the guest's pages go where the kernel puts them.
+    private static func place(_ ramFile: String, offset: UInt64 = 0, length: UInt64, options: MigrationOptions) -> NumaChoice? {
+        guard let request = options.numa else { return nil }
+        do {
+            let choice = try NumaPlacement.choose(request, topology: try NumaTopology.read(), guestBytes: length)
+            try NumaBinding.prefer(node: choice.node, file: ramFile, offset: offset, length: length)
+            Log.engine.info("destination: guest RAM on NUMA node \(choice.node): \(choice.reason)")
+            return choice
+        } catch {
+            Log.engine.warning("destination: no NUMA binding (\(error)); the guest's pages go where the kernel puts them")
+            return nil
+        }
+    }
+
+    /// After the drain: the fraction of the guest's resident pages on the chosen node.
+    private func pagesOnNodeFraction() -> Double? {
+        guard let numa, let ramAddress, let pages = NumaBinding.pagesByNode(pid: qemu.pid, address: ramAddress) else { return nil }
+        return NumaBinding.fraction(onNode: numa.node, of: pages)
+    }
 
     private static func config(_ spec: VMSpec, name: String, bindHost: String, deadlineSeconds: Double) -> QEMUConfig {
         var config = spec.config(name: name, deadlineSeconds: deadlineSeconds)
@@ -395,7 +430,8 @@ public final class DestinationSide: @unchecked Sendable {
         var scan: FreeScanOutcome?
         if mode == .enlightened, engine != nil { scan = try? freeScan.get() }
         return DestinationOutcome(resumeTimestamp: resumeTimestamp, faultsBeforeResume: faultsBeforeResume,
-                                  report: report, freeScan: scan)
+                                  report: report, freeScan: scan, numaNode: numa?.node,
+                                  pagesOnNodeFraction: pagesOnNodeFraction())
     }
 
     /// The engine's report once it has placed every page (nil in QEMU's own modes).

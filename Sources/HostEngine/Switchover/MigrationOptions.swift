@@ -43,6 +43,9 @@ public struct MigrationOptions: Sendable {
     /// runs on wherever it has its pages meanwhile; a vCPU that faults on a missing page waits. 0: a lost link
     /// fails the migration at once (the VM is then stuck: only for tests and tools that cannot recover).
     public var reconnectTimeoutMillis: Int32 = 120_000
+    /// Destination, enlightened mode: the host NUMA node the guest's RAM is bound to before the first page lands
+    /// (nil: no binding, the kernel's default policy).
+    public var numa: NumaRequest?
     /// Keepalives between the engines, and how much silence is a lost link (a black hole gives no error).
     public var keepalive: KeepaliveSpec = .standard
 

@@ -49,6 +49,9 @@ public struct MigrationResult: Sendable, Codable {
     public var libvirtVersion: String? = nil
     public var sourceState: String? = nil
     public var destinationState: String? = nil
+    /// The destination host's NUMA node for the guest's RAM, and the fraction of its resident pages there.
+    public var numaNode: Int? = nil
+    public var pagesOnNodeFraction: Double? = nil
 
     enum CodingKeys: String, CodingKey {
         case mode
@@ -81,6 +84,8 @@ public struct MigrationResult: Sendable, Codable {
         case libvirtVersion = "libvirt_version"
         case sourceState = "source_state"
         case destinationState = "destination_state"
+        case numaNode = "numa_node"
+        case pagesOnNodeFraction = "pages_on_node_fraction"
     }
 
     /// Every key always present (`--json` is a contract): what does not apply is null, and `enlightened` is false
@@ -117,6 +122,8 @@ public struct MigrationResult: Sendable, Codable {
         try c.encode(libvirtVersion, forKey: .libvirtVersion)
         try c.encode(sourceState, forKey: .sourceState)
         try c.encode(destinationState, forKey: .destinationState)
+        try c.encode(numaNode, forKey: .numaNode)
+        try c.encode(pagesOnNodeFraction, forKey: .pagesOnNodeFraction)
     }
 }
 
@@ -152,5 +159,7 @@ extension MigrationResult {
             pausedMillis = max(source.pausedMillis ?? 0, report?.pausedMillis ?? 0)
         }
         sourceState = source.sourceState
+        numaNode = destination.numaNode
+        pagesOnNodeFraction = destination.pagesOnNodeFraction
     }
 }

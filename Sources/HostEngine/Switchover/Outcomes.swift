@@ -14,6 +14,9 @@ public struct DestinationOutcome: Sendable {
     public var report: DestinationReport?
     /// The destination agent's post-resume free scan (enlightened mode).
     public var freeScan: FreeScanOutcome?
+    /// The host NUMA node the guest's RAM was bound to, and the fraction of its resident pages there after the drain.
+    public var numaNode: Int? = nil
+    public var pagesOnNodeFraction: Double? = nil
 }
 
 /// What the destination's agent said after RESUME.
