@@ -18,6 +18,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <sched.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
@@ -114,6 +115,14 @@ static inline int epc_userfaultfd_dev(int flags) {
     int saved = errno;
     close(dev);
     return fd < 0 ? -saved : fd;
+}
+
+/* sched_setaffinity(2) of thread `tid` to the `count` CPUs in `cpus` (each < CPU_SETSIZE). */
+static inline int epc_set_affinity(int tid, const int *cpus, int count) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    for (int i = 0; i < count; i++) if (cpus[i] >= 0 && cpus[i] < CPU_SETSIZE) CPU_SET(cpus[i], &set);
+    return (int)epc_neg_errno(sched_setaffinity(tid, sizeof set, &set));
 }
 
 /* mbind(2) on [addr, addr+len): a memory policy (MPOL_*) over the nodes in `nodemask` (`maxnode` bits). */

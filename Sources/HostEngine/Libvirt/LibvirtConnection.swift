@@ -113,4 +113,20 @@ public final class LibvirtDomain: @unchecked Sendable {
         guard virDomainGetUUIDString(domain, &buffer) == 0 else { throw LibvirtError("UUID of \(name)") }
         return String(cString: buffer)
     }
+
+    /// Pins every vCPU to `cpus`, in the running domain and its persistent definition (`<cputune><vcpupin>`).
+    /// Returns how many vCPUs.
+    public func pinVCPUs(to cpus: [Int]) throws(LibvirtError) -> Int {
+        let count = virDomainGetVcpusFlags(domain, UInt32(VIR_DOMAIN_AFFECT_LIVE.rawValue))
+        guard count > 0 else { throw LibvirtError("vCPU count of \(name)") }
+        var map = [UInt8](repeating: 0, count: ((cpus.max() ?? 0) / 8) + 1)
+        for cpu in cpus where cpu >= 0 { map[cpu / 8] |= 1 << UInt8(cpu % 8) }
+        let flags = UInt32(VIR_DOMAIN_AFFECT_LIVE.rawValue | VIR_DOMAIN_AFFECT_CONFIG.rawValue)
+        for vcpu in 0..<UInt32(count) {
+            guard virDomainPinVcpuFlags(domain, vcpu, &map, Int32(map.count), flags) == 0 else {
+                throw LibvirtError("pin vCPU \(vcpu) of \(name) to CPUs \(cpus)")
+            }
+        }
+        return Int(count)
+    }
 }

@@ -209,6 +209,16 @@ public final class DestinationSide: @unchecked Sendable {
         }
     }
 
+    /// The vCPUs of an epcopy QEMU run on the CPUs of the RAM's node (libvirt's are pinned through libvirt, so
+    /// that its XML says so: see DaemonLibvirtEnlightened). A failure costs locality only: it is logged.
+    private func pinVCPUs() {
+        guard let numa, !qemu.managed else { return }
+        do {
+            let count = try NumaBinding.pinVCPUs(qemu.qmp, to: numa.cpus)
+            Log.engine.info("destination: \(count) vCPU threads on the CPUs of NUMA node \(numa.node)")
+        } catch { Log.engine.warning("destination: vCPUs not pinned: \(error)") }
+    }
+
     /// After the drain: the fraction of the guest's resident pages on the chosen node.
     private func pagesOnNodeFraction() -> Double? {
         guard let numa, let ramAddress, let pages = NumaBinding.pagesByNode(pid: qemu.pid, address: ramAddress) else { return nil }
@@ -350,6 +360,7 @@ public final class DestinationSide: @unchecked Sendable {
             }
             slot.set(.success(timestamp))
             if resumedAt == nil { updateSuccession { $0.resumeTimestamp = timestamp } }
+            pinVCPUs()
             guard let engine else { return }
             if let free {
                 engine.markFree(free)
