@@ -118,3 +118,26 @@ private func fixture(_ nodes: [(String, UInt64, UInt64)]) throws -> String {
         #expect(base.load(fromByteOffset: length - 1, as: UInt8.self) == 0xA5)
     }
 }
+
+@Suite(.tier(.unit)) struct DomainDevicesTests {
+    @Test func theLiveXMLGivesSerialLogAgentSocketMemoryAndTheNumatuneNode() throws {
+        let xml = """
+            <domain type='qemu'><name>d</name><memory unit='KiB'>524288</memory>
+              <numatune><memory mode='strict' nodeset='1-2'/></numatune>
+              <devices>
+                <serial type='pty'><log file='/var/log/libvirt/qemu/d.serial.log'/></serial>
+                <channel type='unix'><source mode='bind' path='/run/libvirt/qemu/channel/1-d/org.epcopy.agent.0'/>
+                  <target type='virtio' name='org.epcopy.agent.0'/></channel>
+              </devices></domain>
+            """
+        let devices = try DomainDevices(liveXML: xml)
+        #expect(devices.serialLog == "/var/log/libvirt/qemu/d.serial.log")
+        #expect(devices.agentSocket == "/run/libvirt/qemu/channel/1-d/org.epcopy.agent.0")
+        #expect(devices.memoryBytes == 512 << 20)
+        #expect(devices.numaNode == 1)
+        let plain = try DomainDevices(liveXML: "<domain><memory unit='MiB'>256</memory></domain>")
+        #expect(plain.numaNode == nil && plain.serialLog == nil && plain.agentSocket == nil)
+        #expect(plain.memoryBytes == 256 << 20)
+        #expect(try DomainDevices(liveXML: "<domain><memory unit='parsecs'>1</memory></domain>").memoryBytes == nil)
+    }
+}

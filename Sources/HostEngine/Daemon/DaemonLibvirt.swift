@@ -53,8 +53,14 @@ extension Daemon {
         let session = UInt64.random(in: 1...UInt64.max)
         let peer = PeerDaemonLink(try ControlChannel.connect(to, key: options.key), endpoint: to, key: options.key,
                                   session: session, reconnectMillis: Int(migration.reconnectTimeoutMillis), logger: logger)
+        // The domain's own <numatune> node is where the destination puts its RAM, unless the operator named one.
+        var incomingOptions = request.options
+        if incomingOptions.numaNode == nil, let node = (try? DomainDevices(liveXML: xml))?.numaNode {
+            incomingOptions.numaNode = "\(node)"
+            logger.info("\(name): <numatune> asks for NUMA node \(node); the destination binds its RAM there")
+        }
         let prepared = try peer.prepareDomain(IncomingDomainRequest(name: name, uuid: uuid, session: session,
-                                                                    options: request.options))
+                                                                    options: incomingOptions))
         if migration.mode == .enlightened {
             return try migrateDomainEnlightened(request, domain: domain, connection: connection, xml: xml, uuid: uuid,
                                                 peer: peer, to: to, session: session, prepared: prepared,

@@ -12,6 +12,8 @@ public struct DomainDevices: Sendable, Equatable {
     public var agentSocket: String?
     /// `<memory>`, in bytes (libvirt writes it in KiB in the live XML).
     public var memoryBytes: UInt64?
+    /// The first host node of `<numatune><memory nodeset=…>`: where the domain asks its RAM to be, on any host.
+    public var numaNode: Int?
 
     public init(liveXML text: String) throws {
         let document: XMLDocument
@@ -21,6 +23,7 @@ public struct DomainDevices: Sendable, Equatable {
         func first(_ path: String) -> String? { ((try? document.nodes(forXPath: path)) ?? []).first?.stringValue }
         serialLog = first("/domain/devices/serial/log/@file") ?? first("/domain/devices/console/log/@file")
         agentSocket = first("/domain/devices/channel[target/@name='\(DomainRequirements.agentChannel)']/source/@path")
+        numaNode = first("/domain/numatune/memory/@nodeset").flatMap { NumaTopology.parseCPUList($0)?.first }
         let scales: [String: UInt64] = ["b": 1, "bytes": 1, "KiB": 1 << 10, "k": 1 << 10, "MiB": 1 << 20, "M": 1 << 20,
                                         "GiB": 1 << 30, "G": 1 << 30]
         if let value = first("/domain/memory").flatMap({ UInt64($0.trimmingCharacters(in: .whitespaces)) }),
