@@ -46,8 +46,8 @@ probe: deps
 clean:
 	rm -rf .build
 
-guest: agent
-	@EPCOPY_AGENT=$(CURDIR)/$(AGENT_BIN) Workloads/guest/build.sh
+guest: agent numa-check
+	@EPCOPY_AGENT=$(CURDIR)/$(AGENT_BIN) EPCOPY_NUMA_CHECK=$(CURDIR)/$(NUMA_CHECK_BIN) Workloads/guest/build.sh
 .PHONY: guest
 
 # The failure bench: real migrations with link cuts and daemon kills injected after the switch (FAULT_ARGS, e.g.
@@ -83,6 +83,12 @@ AGENT_BIN := .build/static/release/epcopy-agent
 agent: deps
 	$(SWIFT) build -c release --build-path .build/static --product epcopy-agent -Xswiftc -static-executable
 .PHONY: agent
+
+# The engine's NUMA placement as a static binary for a two-node test guest (Tests: NumaGuestTests), built the same way.
+NUMA_CHECK_BIN := .build/static/release/epcopy-numa-check
+numa-check: deps
+	$(SWIFT) build -c release --build-path .build/static --product epcopy-numa-check -Xswiftc -static-executable
+.PHONY: numa-check
 
 # The benchmark guest (Debian bookworm + memcached + MariaDB + the agent), cached; see Workloads/images/README.md.
 images: agent guest

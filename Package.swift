@@ -10,6 +10,8 @@ let package = Package(
         .executable(name: "epcopy", targets: ["epcopy"]),
         // Built with -static-executable into the guest image (make agent): only glibc, statically linked.
         .executable(name: "epcopy-agent", targets: ["epcopy-agent"]),
+        // The same static build: the engine's NUMA placement checked inside a two-node test guest.
+        .executable(name: "epcopy-numa-check", targets: ["epcopy-numa-check"]),
         .library(name: "EpcopyPreload", type: .dynamic, targets: ["EpcopyPreload"]),
     ],
     dependencies: [
@@ -31,9 +33,12 @@ let package = Package(
         .target(name: "EpcopyProtocol", path: "Sources/Protocol"),
         // The in-guest agent's collectors. Never depends on HostEngine.
         .target(name: "EpcopyGuestAgent", dependencies: ["EpcopyProtocol"], path: "Sources/GuestAgent"),
+        // NUMA placement (topology, node choice, mbind, numa_maps): glibc and FoundationEssentials only, so that it
+        // also builds into a static binary for a guest (epcopy-numa-check). Part of the engine (re-exported).
+        .target(name: "EpcopyNuma", dependencies: ["CEpcopyLinux"], path: "Sources/Numa"),
         // The engine: syscalls, uffd, transfer, QEMU control. Never depends on GuestAgent.
         .target(name: "EpcopyHostEngine",
-                dependencies: ["EpcopyProtocol", "CEpcopyLinux", "CURing", "CNuma", "CVirt",
+                dependencies: ["EpcopyProtocol", "CEpcopyLinux", "EpcopyNuma", "CURing", "CNuma", "CVirt",
                                .product(name: "Histogram", package: "hdrhistogram-swift"),
                                .product(name: "Logging", package: "swift-log")],
                 path: "Sources/HostEngine"),
@@ -45,6 +50,8 @@ let package = Package(
         .target(name: "EpcopyPreload", dependencies: ["CEpcopyLinux"], path: "Sources/EpcopyPreload",
                 linkerSettings: [.linkedLibrary("dl")]),
         .executableTarget(name: "epcopy-agent", dependencies: ["EpcopyGuestAgent"], path: "Sources/epcopy-agent"),
+        .executableTarget(name: "epcopy-numa-check", dependencies: ["EpcopyNuma", "CEpcopyLinux"],
+                          path: "Sources/epcopy-numa-check"),
         .executableTarget(name: "epcopy-memtouch", path: "Sources/MemToucher"),
 
         // What every test tier shares: tiers, prerequisites with reasons, waits with deadlines.

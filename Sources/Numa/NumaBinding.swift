@@ -5,7 +5,11 @@
 // landed is read from /proc/PID/numa_maps for QEMU's mapping of the file.
 
 import CEpcopyLinux
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -31,20 +35,6 @@ public enum NumaBinding {
             epc_mbind(UInt64(UInt(bitPattern: base)), length, mpolPreferred, $0.baseAddress, UInt(maskBits), 0)
         }
         guard rc == 0 else { throw NumaError("mbind \(path) to node \(node): \(String(cString: strerror(Int32(-rc))))") }
-    }
-
-    /// Pins every vCPU thread of the QEMU behind `qmp` (query-cpus-fast's thread ids) to `cpus`; returns how many.
-    public static func pinVCPUs(_ qmp: QMPClient, to cpus: [Int]) throws -> Int {
-        guard !cpus.isEmpty else { throw NumaError("the node has no CPUs to run vCPUs on") }
-        let threads = (try qmp.execute("query-cpus-fast", timeout: .seconds(5))).arrayValue ?? []
-        var pinned = 0
-        for thread in threads {
-            guard let tid = thread["thread-id"]?.intValue, tid > 0 else { continue }
-            let rc = cpus.map { Int32($0) }.withUnsafeBufferPointer { epc_set_affinity(Int32(tid), $0.baseAddress, Int32($0.count)) }
-            guard rc == 0 else { throw NumaError("sched_setaffinity of vCPU thread \(tid): \(String(cString: strerror(-rc)))") }
-            pinned += 1
-        }
-        return pinned
     }
 
     /// Pages of process `pid`'s mapping at `address`, by node (numa_maps' N<node>=<pages>); nil when there is no

@@ -1,7 +1,11 @@
 // NumaTopology: this host's NUMA nodes as sysfs describes them (/sys/devices/system/node/nodeN: its CPUs from
 // `cpulist`, its memory from `meminfo`), read from any root so tests can hand it a tree of their own.
 
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
 
 public struct NumaNode: Sendable, Equatable, Codable {
     public var id: Int
@@ -53,7 +57,7 @@ public struct NumaTopology: Sendable, Equatable {
 
     /// "0-3,8,10-11" → [0, 1, 2, 3, 8, 10, 11]; nil when malformed. An empty list (a memory-only node) is [].
     public static func parseCPUList(_ text: String) -> [Int]? {
-        let trimmed = text.trimmingCharacters(in: .whitespacesAndNewlines)
+        let trimmed = text.split(whereSeparator: { $0.isWhitespace }).joined()
         guard !trimmed.isEmpty else { return [] }
         var cpus: [Int] = []
         for part in trimmed.split(separator: ",") {

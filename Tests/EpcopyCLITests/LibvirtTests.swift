@@ -55,6 +55,10 @@ struct LibvirtTests {
         let enlightened = results.first { $0["mode"] as? String == "enlightened" } ?? [:]
         #expect(enlightened["numa_node"] as? Int != nil, "\(enlightened)")
         #expect((enlightened["pages_on_node_fraction"] as? Double ?? 0) >= 0.99, "\(enlightened)")
+        // B's persistent definition keeps the RAM on that node and the vCPUs on its CPUs from the next start on.
+        let definition = out.split(separator: "\n").first { $0.hasPrefix("  enlightened: B's definition:") }.map(String.init) ?? ""
+        #expect(definition.contains("<numatune> preferred node \(enlightened["numa_node"] as? Int ?? -1)"), "\(out)")
+        #expect(definition.contains("<vcpupin> cpus "), "\(out)")
         // virsh on host B after each mode: listed, the console counting on, an orderly shutdown.
         for mode in ["enlightened", "postcopy", "precopy"] {
             let line = out.split(separator: "\n").first { $0.hasPrefix("  \(mode): virsh list:") }.map(String.init) ?? ""

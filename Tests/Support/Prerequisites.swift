@@ -36,6 +36,13 @@ public struct Prerequisite: Sendable {
         isMet: qemu.isMet && testGuestKernel != nil && exists(testGuestInitrd),
         reason: qemu.isMet ? "the test guest is not built in \(testGuestDirectory): run `make guest`" : qemu.reason)
 
+    /// The test guest's initrd with the NUMA placement check (epcopy-numa-check) appended: `make guest`.
+    public static let testGuestNumaInitrd = "\(testGuestDirectory)/initrd-numa.img"
+    public static let numaCheckGuest = Prerequisite(
+        isMet: testGuest.isMet && exists(testGuestNumaInitrd),
+        reason: testGuest.isMet ? "\(testGuestNumaInitrd) is not built: run `make guest` (it builds make numa-check first)"
+                                : testGuest.reason)
+
     public static let benchImage = Prerequisite(
         isMet: testGuest.isMet && exists("\(benchImageDirectory)/bench.img"),
         reason: testGuest.isMet ? "the benchmark image is not built in \(benchImageDirectory): run `make images`"

@@ -5,12 +5,16 @@
 #   out/initrd.img  busybox + virtio modules + /init + /bin/epcopy-memtest
 #                   + /bin/epcopy-agent (cpio.gz)
 #   out/memtest     the static memory-integrity program (same as in the initrd)
+#   out/initrd-numa.img  initrd.img with /bin/epcopy-numa-check appended (a second
+#                   cpio.gz: the kernel unpacks both), for the NUMA placement check
+#                   in a two-node guest (`epcopy.numa_check=1`); only with EPCOPY_NUMA_CHECK
 #   out/kernel.txt  which kernel package/release the above came from
 # Cached: each output is rebuilt only when its inputs change, so a second run
 # prints nothing and takes well under a second. Set EPCOPY_GUEST_KERNEL to a
 # package name (linux-image-6.1.0-NN-amd64) to pin the kernel.
 # EPCOPY_AGENT (required) is the static epcopy-agent binary to put in the
-# initrd (`make guest` passes the one `make agent` built).
+# initrd (`make guest` passes the one `make agent` built). EPCOPY_NUMA_CHECK
+# (optional) is the static epcopy-numa-check binary (`make numa-check`).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -24,6 +28,11 @@ if [[ ! -f "$AGENT" || ! -x "$AGENT" ]]; then
     exit 2
 fi
 AGENT=$(realpath "$AGENT")
+NUMA_CHECK=${EPCOPY_NUMA_CHECK:-}
+if [[ -n "$NUMA_CHECK" ]]; then
+    [[ -x "$NUMA_CHECK" ]] || { echo "guest: EPCOPY_NUMA_CHECK=$NUMA_CHECK is not an executable file (run make numa-check first)" >&2; exit 2; }
+    NUMA_CHECK=$(realpath "$NUMA_CHECK")
+fi
 OUT="$HERE/out"
 CACHE="$OUT/.cache"
 LOG="$CACHE/build.log"
@@ -237,6 +246,21 @@ build_initrd() {
     mv -f "$OUT/.initrd.img.tmp" "$OUT/initrd.img"
 }
 
+# initrd.img and a second archive holding only /bin/epcopy-numa-check: the kernel unpacks one after the other, so
+# the everyday initrd stays as small as it was.
+build_initrd_numa() {
+    local r
+    mktmp r
+    mkdir -p "$r/bin"
+    strip -o "$r/bin/epcopy-numa-check" "$NUMA_CHECK" 2>>"$LOG"
+    chmod 755 "$r/bin/epcopy-numa-check"
+    find "$r" -exec touch -h -d @0 {} +
+    { cat "$OUT/initrd.img"
+      (cd "$r" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --reproducible --quiet) | gzip -9n
+    } >"$OUT/.initrd-numa.img.tmp"
+    mv -f "$OUT/.initrd-numa.img.tmp" "$OUT/initrd-numa.img"
+}
+
 # ---- main -------------------------------------------------------------------
 need_pkgs "${BUILD_PKGS[@]}"
 
@@ -261,6 +285,15 @@ if ! key_matches initrd "$INITRD_KEY" || [[ ! -f "$OUT/initrd.img" ]]; then
     build_initrd
     key_store initrd "$INITRD_KEY"
     BUILT+=(initrd.img)
+fi
+
+if [[ -n "$NUMA_CHECK" ]]; then
+    NUMA_KEY="$(hash_of "$OUT/initrd.img" "$NUMA_CHECK") $SCRIPT_HASH"
+    if ! key_matches initrd-numa "$NUMA_KEY" || [[ ! -f "$OUT/initrd-numa.img" ]]; then
+        build_initrd_numa
+        key_store initrd-numa "$NUMA_KEY"
+        BUILT+=(initrd-numa.img)
+    fi
 fi
 
 if ((${#BUILT[@]})); then

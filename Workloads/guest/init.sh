@@ -29,6 +29,19 @@ done
 cmdline=$(cat /proc/cmdline)
 echo "epcopy-init: up after $(cut -d' ' -f1 /proc/uptime)s"
 
+# epcopy.numa_check=1 (initrd-numa.img, a guest with two or more NUMA nodes): the engine's NUMA placement checked
+# on this kernel, its lines on the console, then power off. Nothing else runs. epcopy.numa_check=unbound: the
+# control run without the binding, which must fail.
+case " $cmdline " in
+*" epcopy.numa_check="*)
+    args=""
+    case " $cmdline " in *" epcopy.numa_check=unbound "*) args=--unbound ;; esac
+    if [ -x /bin/epcopy-numa-check ]; then /bin/epcopy-numa-check $args; else echo "epcopy-numa-check: FAIL not in this initrd (boot initrd-numa.img)"; fi
+    sync
+    poweroff -f
+    ;;
+esac
+
 # epcopy.agent_once=1: one page census before anything else runs, as one console
 # line, so a host can read what the agent costs in a real guest.
 case " $cmdline " in

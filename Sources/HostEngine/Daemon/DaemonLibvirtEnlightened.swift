@@ -135,12 +135,16 @@ extension Daemon {
         return try receive(destination, name: name, session: request.session, migration: migration, channel: channel,
                            rejoin: rejoin) { result in
             let domain = try? connection.domain(name)
-            // The vCPUs run where the RAM now is, and the domain's definition says so (<vcpupin>).
+            // The vCPUs run where the RAM now is, and the domain's definition says so (<vcpupin>, <numatune>).
             if let numa = destination.numa, let domain {
                 do {
                     let count = try domain.pinVCPUs(to: numa.cpus)
                     logger.info("\(name): \(count) vCPUs pinned to the CPUs of NUMA node \(numa.node) (<vcpupin>)")
                 } catch { logger.warning("\(name): vCPUs not pinned to NUMA node \(numa.node): \(error)") }
+                do {
+                    try domain.preferNumaNode(numa.node)
+                    logger.info("\(name): its definition keeps its RAM on NUMA node \(numa.node) (<numatune>)")
+                } catch { logger.warning("\(name): <numatune> not written: \(error)") }
             }
             result.libvirtVersion = version
             result.destinationState = (try? domain?.state()) ?? "absent"

@@ -129,4 +129,23 @@ public final class LibvirtDomain: @unchecked Sendable {
         }
         return Int(count)
     }
+    /// Writes `<numatune><memory mode='preferred' nodeset='NODE'/></numatune>` into the persistent definition, so that
+    /// the domain's next start (and libvirt's own later migrations of it) keep its RAM on `node`. Only the
+    /// definition: libvirt changes a running domain's memory mode only through cgroups, and the pages of this one
+    /// were already placed on `node` by the engine.
+    public func preferNumaNode(_ node: Int) throws(LibvirtError) {
+        guard isPersistent else { throw LibvirtError("\(name) has no persistent definition to write <numatune> into") }
+        var params: UnsafeMutablePointer<virTypedParameter>?
+        var count: Int32 = 0
+        var capacity: Int32 = 0
+        defer { virTypedParamsFree(params, count) }
+        guard virTypedParamsAddString(&params, &count, &capacity, "numa_nodeset", "\(node)") == 0,
+              virTypedParamsAddInt(&params, &count, &capacity, "numa_mode",
+                                   Int32(VIR_DOMAIN_NUMATUNE_MEM_PREFERRED.rawValue)) == 0 else {
+            throw LibvirtError("<numatune> parameters for \(name)")
+        }
+        guard virDomainSetNumaParameters(domain, params, count, UInt32(VIR_DOMAIN_AFFECT_CONFIG.rawValue)) == 0 else {
+            throw LibvirtError("write <numatune> node \(node) into the definition of \(name)")
+        }
+    }
 }
