@@ -69,26 +69,41 @@ final class Spawned: @unchecked Sendable {
     var pid: Int32 { process.processIdentifier }
     var stdout: String { output.stdout }
     var stderr: String { output.stderr }
-    var isRunning: Bool { process.isRunning }
+    var isRunning: Bool { exitStatus() == nil }
+
+    /// The child's exit status (or the signal that ended it) as the kernel has it, nil while it runs. Asked with
+    /// waitid(WNOWAIT), which leaves the child for Foundation to reap: Foundation's own notice of the exit was seen
+    /// to never come (its SIGCHLD watch misses the signal when it lands on a thread that does not block it), and a
+    /// test then hung until its deadline although the child had long exited.
+    private func exitStatus() -> Int32? {
+        var info = siginfo_t()
+        guard waitid(P_PID, id_t(pid), &info, WEXITED | WNOHANG | WNOWAIT) == 0 else {
+            // Already reaped (by Foundation): its record has the status.
+            return process.isRunning ? nil : process.terminationStatus
+        }
+        guard info._sifields._sigchld.si_pid == pid else { return nil }
+        return info._sifields._sigchld.si_status
+    }
 
     /// Waits up to `seconds`; returns the exit status, or nil if it is still running. Once it has exited, also
     /// waits (a few seconds at most: a child it left behind may hold the pipes) until its output is all read.
     @discardableResult
     func wait(seconds: Double) -> Int32? {
-        guard waitUntil(deadline: .seconds(seconds), poll: .milliseconds(20), { !process.isRunning }) else {
+        guard waitUntil(deadline: .seconds(seconds), poll: .milliseconds(20), { exitStatus() != nil }) else {
             return nil
         }
         waitUntil(deadline: .seconds(5), poll: .milliseconds(5)) { output.allRead }
-        return process.terminationStatus
+        return exitStatus()
     }
 
     func kill(_ signal: Int32 = SIGKILL) {
-        if process.isRunning { Foundation.kill(process.processIdentifier, signal) }
+        if exitStatus() == nil { Foundation.kill(process.processIdentifier, signal) }
     }
 
     deinit {
         kill()
-        process.waitUntilExit()
+        // Not process.waitUntilExit(): it waits for the notice that may never come (see exitStatus).
+        waitUntil(deadline: .seconds(10), poll: .milliseconds(10)) { exitStatus() != nil }
     }
 }
 
