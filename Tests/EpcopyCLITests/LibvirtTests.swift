@@ -70,4 +70,36 @@ struct LibvirtTests {
         let shm = (try? FileManager.default.contentsOfDirectory(atPath: "/dev/shm")) ?? []
         #expect(!shm.contains { $0.hasPrefix("epcopy-libvirt-eplv") || $0.hasPrefix("epcopy-held-") }, "left in /dev/shm: \(shm)")
     }
+    /// The source daemon is killed (SIGKILL) during an enlightened migration of a libvirt domain, as soon as libvirt
+    /// has started the incoming QEMU (0 MiB: before the switch, as a rule) or with 64 MiB on host B (mid push, after
+    /// it), on a 200 Mbit/s link. Its successor waits for libvirt to stop or move the domain, takes the push up from
+    /// the held RAM file, and the domain ends on host B verified page by page, libvirt's on both hosts.
+    @Test(arguments: [0, 64])
+    func aLibvirtDomainsMigrationSurvivesTheDeathOfTheSourceDaemon(cutAtMiB: Int) throws {
+        let demo = try Spawned("demo-libvirt", "/bin/bash", ["\(Prerequisite.repository)/scripts/demo-libvirt"], environment: [
+            "EPCOPY_BIN": productsDirectory.appendingPathComponent("epcopy").path, "DEMO_LIBVIRT_MODES": "enlightened",
+            "KILL_DAEMON": "source", "RATE": "200mbit", "CUT_AT_MIB": "\(cutAtMiB)",
+        ], prefix: withDefaultSignals)
+        let status = demo.wait(seconds: 600)
+        #expect(status == 0, "demo-libvirt failed: \(demo.stdout)\n\(demo.stderr)")
+        let out = demo.stdout
+        #expect(out.contains("killing host A's daemon (SIGKILL"), "\(out)")
+        #expect(out.contains("taking up the migration of the libvirt domain lvdemo-enlightened"), "\(out)")
+        #expect(out.contains("its RAM here is final"), "\(out)")
+        #expect(out.contains("resumed migration of lvdemo-enlightened finished"), "\(out)")
+        let result = out.split(separator: "\n").first { $0.hasPrefix("{") }.flatMap {
+            try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any]
+        } ?? [:]
+        #expect(result["mismatched_pages"] as? Int == 0, "\(result)")
+        #expect(result["guest_verdict"] as? String == "OK", "\(result)")
+        #expect(result["source_state"] as? String == "absent", "\(result)")
+        #expect(result["destination_state"] as? String == "running", "\(result)")
+        let row = out.split(separator: "\n").first { $0.hasPrefix("enlightened ") }.map(String.init) ?? ""
+        #expect(row.contains("OK (digests)"), "\(out)")
+        let line = out.split(separator: "\n").first { $0.hasPrefix("  enlightened: virsh list:") }.map(String.init) ?? ""
+        #expect(line.contains("host A does not list"), "\(out)")
+        #expect(line.contains("virsh shutdown on B: shut off (shutdown)"), "\(out)")
+        let shm = (try? FileManager.default.contentsOfDirectory(atPath: "/dev/shm")) ?? []
+        #expect(!shm.contains { $0.hasPrefix("epcopy-held-") }, "a held RAM link is left in /dev/shm: \(shm)")
+    }
 }

@@ -34,6 +34,16 @@ extension Daemon {
             source.teardown()
             unlink(heldRAM)
         }
+        // On record from here, as for epcopy's own VMs (DaemonMigrateOut): a successor of this daemon calls a migration
+        // that had not switched off, and takes one that had up from the held RAM file once libvirt says the domain
+        // left (DaemonResumption).
+        var switchRecord = SourceSessionRecord(session: session, vmName: name, ramFile: heldRAM,
+                                               regionPages: source.config.regionPages, engine: "\(to.host):\(enginePort)",
+                                               destinationDaemon: "\(to)", options: request.options, stopTimestamp: 0,
+                                               counterBefore: nil)
+        switchRecord.libvirtUUID = uuid
+        record(switchRecord)
+        defer { store.remove(SourceSessionRecord.self, session: session) }
         let request = LibvirtMigrationRequest(destinationURI: prepared.libvirtURI, streamURI: prepared.streamURI,
                                               postcopy: false, keepSourceDefinition: request.keepSourceDefinition ?? false)
         let stream = ManagedStream(name: "libvirt's migration of \(name)") { try domain.migrate(request) }
@@ -44,7 +54,8 @@ extension Daemon {
             outcome = try SourceSide.migrate(source: source, mode: .enlightened, session: session, destinationURI: "",
                                              engineEndpoint: Endpoint(host: to.host, port: enginePort), options: migration,
                                              stream: stream, cancel: cancel,
-                                             progress: { progress in try? client.send(ControlReply.progress(progress)) })
+                                             progress: { progress in try? client.send(ControlReply.progress(progress)) },
+                                             fenced: { [self] stop, counter in save(switched: switchRecord, stop, counter) })
         } catch {
             peer.abort()
             let state = connection.hasDomain(name) ? ((try? connection.domain(name).state()) ?? "unknown") : "absent"
@@ -127,12 +138,21 @@ extension Daemon {
             rejoin.finish(.failure(.remote("\(error)")))
             throw ControlError.remote("\(error)")
         }
+        return try receiveDomain(destination, name: name, session: request.session, migration: migration,
+                                 channel: channel, rejoin: rejoin, connection: connection, version: version)
+    }
+
+    /// From the QEMU's hand-over to the end: receives the domain, then its vCPUs run
+    /// where its RAM now is and its definition says so; the QEMU that libvirt keeps gets x-ignore-shared off again.
+    func receiveDomain(_ destination: DestinationSide, name: String, session: UInt64, migration: MigrationOptions,
+                       channel: ControlChannel?, rejoin: ControlRejoin, connection: LibvirtConnection,
+                       version: String?) throws -> ControlReply {
         defer {
             // The domain stays with libvirt: its later migrations by libvirt must carry its RAM.
             if destination.qemu.isRunning { try? QEMUMigration.setIgnoreShared(destination.qemu.qmp, false) }
             destination.qemu.teardown()
         }
-        return try receive(destination, name: name, session: request.session, migration: migration, channel: channel,
+        return try receive(destination, name: name, session: session, migration: migration, channel: channel,
                            rejoin: rejoin) { result in
             let domain = try? connection.domain(name)
             // The vCPUs run where the RAM now is, and the domain's definition says so (<vcpupin>, <numatune>).

@@ -1,7 +1,8 @@
 // The daemon after a restart: every migration it had switched and not finished (SessionStore) is taken up
 // again on a thread of its own — the push from the fenced RAM file to the waiting destination engine
 // (SourceResumption), then the finish to the destination daemon (PeerDaemonLink, on a new connection
-// naming the session). `epcopy migrate NAME --resume` waits here for its result.
+// naming the session). `epcopy migrate NAME --resume` waits here for its result. A libvirt domain's migration
+// is first settled by what libvirt says of the domain (DaemonLibvirtResumption), whether or not it had switched.
 
 import EpcopyProtocol
 import Foundation
@@ -11,21 +12,32 @@ extension Daemon {
     func resumeSwitchedMigrations() {
         let (all, complaints) = store.sourceRecords()
         for complaint in complaints { logger.error("\(complaint)") }
-        let records = all.filter(\.switched)
+        // A libvirt domain's migration is settled by what libvirt says of the domain, switched or not (see
+        // DaemonLibvirtResumption); epcopy's own VMs by the record.
+        let domains = all.filter { $0.libvirtUUID != nil }
+        let own = all.filter { $0.libvirtUUID == nil }
+        let records = own.filter(\.switched)
         let running = adoptVMs(fenced: Set(records.map(\.vmName)))
         let adopted = adoptIncomingMigrations()
         removeOrphanedRAMFiles(keeping: Set(records.map(\.ramFile)).union(adopted).union(running))
-        for record in all where !record.switched { callOff(record) }
-        for record in records {
-            let waiter = ControlRejoin()
-            resumptions.withLock { $0[record.vmName] = waiter }
+        for record in own where !record.switched { callOff(record) }
+        for record in records + domains { takeUp(record) }
+    }
+
+    /// Takes the push of `record` up on a thread of its own; `migrate --resume` hears the result.
+    private func takeUp(_ record: SourceSessionRecord) {
+        let waiter = ControlRejoin()
+        resumptions.withLock { $0[record.vmName] = waiter }
+        if record.libvirtUUID == nil {
             logger.warning("taking up the migration of \(record.vmName) (session \(record.session)) that a previous daemon switched: the destination gets the rest from \(record.ramFile)")
-            let thread = JoinableThread(name: "epcopy-resume") { [self] in
-                waiter.finish(resume(record))
-                store.remove(SourceSessionRecord.self, session: record.session)
-            }
-            _ = thread  // ends on its own; `migrate --resume` waits on `waiter`
+        } else {
+            logger.warning("taking up the migration of the libvirt domain \(record.vmName) (session \(record.session)) that a previous daemon was sending: waiting for libvirt to say where the domain is")
         }
+        let thread = JoinableThread(name: "epcopy-resume") { [self] in
+            defer { store.remove(SourceSessionRecord.self, session: record.session) }
+            waiter.finish(record.libvirtUUID == nil ? resume(record) : resumeDomain(record))
+        }
+        _ = thread  // ends on its own; `migrate --resume` waits on `waiter`
     }
 
     /// A migration the previous daemon had prepared and not switched: the VM still runs here (taken back), so the
@@ -60,7 +72,10 @@ extension Daemon {
         }
     }
 
-    private func resume(_ record: SourceSessionRecord) -> Result<MigrationResult, ControlError> {
+    /// `holdPunching`: nothing is punched until the engine is allowed to (`engineStarted` gets it); `settle`, after
+    /// the push, says what libvirt shows of the domain here, or throws when the destination must not be finished.
+    func resume(_ record: SourceSessionRecord, holdPunching: Bool = false, engineStarted: ((SourceEngine) -> Void)? = nil,
+                settle: (() throws -> String?)? = nil) -> Result<MigrationResult, ControlError> {
         do {
             let migration = try migrationOptions(record.options)
             guard let peer = Endpoint(record.destinationDaemon), let engine = Endpoint(record.engine) else {
@@ -76,7 +91,11 @@ extension Daemon {
                 route.stop()
                 _ = routes.withLock { $0.removeValue(forKey: record.vmName) }
             }
-            let outcome = try SourceResumption.run(record, options: migration, engineStarted: { route.attach($0) })
+            var outcome = try SourceResumption.run(record, options: migration, holdPunching: holdPunching, engineStarted: {
+                route.attach($0)
+                engineStarted?($0)
+            })
+            outcome.sourceState = try settle?()
             let result = try link.finish(outcome)
             let downtime = String(format: "%.1f", result.downtimeMillis)
             logger.info("resumed migration of \(record.vmName) finished: downtime \(downtime) ms, \(result.mismatchedPages) mismatched pages, guest \(result.guestVerdict)")

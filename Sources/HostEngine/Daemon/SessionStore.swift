@@ -34,6 +34,9 @@ public struct SourceSessionRecord: Codable, Sendable, Equatable {
     public var counterBefore: Int?
     /// False from prepare to STOP: a successor then calls the destination off and keeps the VM; true from STOP.
     public var switched: Bool
+    /// Set when the VM is a libvirt domain (its UUID): its QEMU is libvirt's, and after a crash libvirt's state of
+    /// the domain says whether the switch held (the domain gone here) or libvirt took it back (running here).
+    public var libvirtUUID: String?
 
     public init(session: UInt64, vmName: String, ramFile: String, regionPages: UInt64, engine: String,
                 destinationDaemon: String, options: MigrationRequestOptions, stopTimestamp: Double, counterBefore: Int?) {

@@ -69,6 +69,13 @@ extension LibvirtDomain {
     }
 
     /// The running job's statistics, or (`completed`) those of the last completed one; nil when there is none.
+    /// Whether libvirt runs a job on the domain (a migration among them); nil when libvirt cannot say.
+    public var hasActiveJob: Bool? {
+        var info = virDomainJobInfo()
+        guard virDomainGetJobInfo(domain, &info) == 0 else { return nil }
+        return info.type != Int32(VIR_DOMAIN_JOB_NONE.rawValue)
+    }
+
     public func jobStats(completed: Bool) -> LibvirtJobStats? {
         var type: Int32 = 0
         var params: virTypedParameterPtr? = nil

@@ -11,7 +11,9 @@ import Foundation
 
 public enum SourceResumption {
     /// Moves what the destination lacks from `record.ramFile`; returns when this host holds none of the VM.
-    public static func run(_ record: SourceSessionRecord, options: MigrationOptions,
+    /// `holdPunching`: nothing is punched until `allowPunching()` on the engine (`engineStarted` gets it): a libvirt
+    /// domain whose migration libvirt has not ended yet may still be resumed here.
+    public static func run(_ record: SourceSessionRecord, options: MigrationOptions, holdPunching: Bool = false,
                            engineStarted: ((SourceEngine) -> Void)? = nil) throws -> SourceOutcome {
         guard FileManager.default.fileExists(atPath: record.ramFile) else {
             throw MigrationError.failed("the fenced RAM file \(record.ramFile) is gone: the pages the destination "
@@ -26,6 +28,7 @@ public enum SourceResumption {
         // of every session once it is): a crash during the scan must not send the hundreds of MiB it is about to
         // report free. Faults are answered meanwhile.
         sourceOptions.holdFreeUntilScan = true
+        sourceOptions.punchOnlyOnceAllowed = holdPunching
         let engine: SourceEngine
         do { engine = try SourceEngine(ramFile: record.ramFile, options: sourceOptions) } catch {
             throw MigrationError.step("source engine over \(record.ramFile)", error)
