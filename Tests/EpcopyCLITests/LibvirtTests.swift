@@ -20,14 +20,21 @@ let withDefaultSignals = ["/usr/bin/python3", "-c", """
 
 @Suite(.serialized, .tier(.qemu), .requires(.testGuest), .requires(.namespaces), .requires(.libvirt))
 struct LibvirtTests {
-    @Test func aLibvirtDomainIsCheckedPreparedAndMigratedInEachModeThenManagedWithVirshOnTheDestination() throws {
-        // The demo runs with the signal state of a shell (see `withDefaultSignals`): libvirtd and QEMU start under it.
-        let demo = try Spawned("demo-libvirt", "/bin/bash", ["\(Prerequisite.repository)/scripts/demo-libvirt"], environment: [
-            "EPCOPY_BIN": productsDirectory.appendingPathComponent("epcopy").path, "DEMO_LIBVIRT_CHECK": "1",
-        ], prefix: withDefaultSignals)
-        let status = demo.wait(seconds: 900)
+    /// Runs scripts/demo-libvirt with this build's epcopy and `environment`, expects it to succeed within `seconds`,
+    /// and returns what it printed. The demo runs with the signal state of a shell (see `withDefaultSignals`):
+    /// libvirtd and QEMU start under it.
+    private func demoLibvirt(_ environment: [String: String], seconds: Double) throws -> String {
+        let demo = try Spawned("demo-libvirt", "/bin/bash", ["\(Prerequisite.repository)/scripts/demo-libvirt"],
+                               environment: environment.merging(
+                                   ["EPCOPY_BIN": productsDirectory.appendingPathComponent("epcopy").path]) { a, _ in a },
+                               prefix: withDefaultSignals)
+        let status = demo.wait(seconds: seconds)
         #expect(status == 0, "demo-libvirt failed: \(demo.stdout)\n\(demo.stderr)")
-        let out = demo.stdout
+        return demo.stdout
+    }
+
+    @Test func aLibvirtDomainIsCheckedPreparedAndMigratedInEachModeThenManagedWithVirshOnTheDestination() throws {
+        let out = try demoLibvirt(["DEMO_LIBVIRT_CHECK": "1"], seconds: 900)
         // check and migrate refuse a domain with private memory, naming what is missing; prepare fixes it for the next boot.
         #expect(out.contains("MISSING memory in a shared file"), "\(out)")
         #expect(out.contains("epcopy migrate lvcheck --libvirt: Error: the libvirt domain lvcheck cannot be migrated in enlightened mode: it lacks memory in a shared file"), "\(out)")
@@ -76,13 +83,8 @@ struct LibvirtTests {
     /// the held RAM file, and the domain ends on host B verified page by page, libvirt's on both hosts.
     @Test(arguments: [0, 64])
     func aLibvirtDomainsMigrationSurvivesTheDeathOfTheSourceDaemon(cutAtMiB: Int) throws {
-        let demo = try Spawned("demo-libvirt", "/bin/bash", ["\(Prerequisite.repository)/scripts/demo-libvirt"], environment: [
-            "EPCOPY_BIN": productsDirectory.appendingPathComponent("epcopy").path, "DEMO_LIBVIRT_MODES": "enlightened",
-            "KILL_DAEMON": "source", "RATE": "200mbit", "CUT_AT_MIB": "\(cutAtMiB)",
-        ], prefix: withDefaultSignals)
-        let status = demo.wait(seconds: 600)
-        #expect(status == 0, "demo-libvirt failed: \(demo.stdout)\n\(demo.stderr)")
-        let out = demo.stdout
+        let out = try demoLibvirt(["DEMO_LIBVIRT_MODES": "enlightened", "KILL_DAEMON": "source", "RATE": "200mbit",
+                                   "CUT_AT_MIB": "\(cutAtMiB)"], seconds: 600)
         #expect(out.contains("killing host A's daemon (SIGKILL"), "\(out)")
         #expect(out.contains("taking up the migration of the libvirt domain lvdemo-enlightened"), "\(out)")
         #expect(out.contains("its RAM here is final"), "\(out)")
