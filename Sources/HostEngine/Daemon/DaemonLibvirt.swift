@@ -205,8 +205,8 @@ extension Daemon {
         let verdict = GuestVerdict.watch(log: { devices?.readSerialLog() ?? "" }, state: { "libvirt: \(state)" },
                                          before: source.counterBefore, settle: 2)
         var result = MigrationResult(
-            mode: mode, downtimeMillis: stats?.downtimeMillis.map { Double($0) } ?? source.libvirtDowntimeMillis
-                ?? polledDowntime(paused: source.stopTimestamp, running: runningAt),
+            mode: mode, downtimeMillis: measuredDowntime(destination: stats?.downtimeMillis, source: source.libvirtDowntimeMillis,
+                                                         paused: source.stopTimestamp, running: runningAt),
             tReleaseMillis: source.tReleaseMillis,
             bytesWire: max(stats?.dataProcessed ?? stats?.memoryTransferred ?? 0, source.bytesWire), faults: stats?.postcopyRequests ?? source.postcopyRequests ?? 0, faultP50Micros: 0,
             faultP99Micros: 0, faultsBeforeResume: 0, pagesCompared: 0, mismatchedPages: 0, verification: "guest",
@@ -224,7 +224,12 @@ extension Daemon {
 }
 
 /// Downtime from the domain's states as polled on both hosts (20 ms apart at most each): 0 when either was missed.
-private func polledDowntime(paused: Double, running: Double?) -> Double {
+/// The guest's downtime in libvirt's own modes: the destination libvirt's figure, else the source's, else the time
+/// between the source seeing the domain paused and the destination seeing it run (polled, ±20 ms). A zero from libvirt
+/// means it did not measure (seen in post-copy on the destination), not that the guest never stopped, so it is skipped.
+private func measuredDowntime(destination: UInt64?, source: Double?, paused: Double, running: Double?) -> Double {
+    if let destination, destination > 0 { return Double(destination) }
+    if let source, source > 0 { return source }
     guard paused > 0, let running, running >= paused else { return 0 }
     return (running - paused) * 1000
 }
