@@ -223,7 +223,6 @@ extension Daemon {
     }
 }
 
-/// Downtime from the domain's states as polled on both hosts (20 ms apart at most each): 0 when either was missed.
 /// The guest's downtime in libvirt's own modes: the destination libvirt's figure, else the source's, else the time
 /// between the source seeing the domain paused and the destination seeing it run (polled, ±20 ms). A zero from libvirt
 /// means it did not measure (seen in post-copy on the destination), not that the guest never stopped, so it is skipped.
